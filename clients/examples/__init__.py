@@ -1,0 +1,1 @@
+"""Example workloads and the demo for khod."""

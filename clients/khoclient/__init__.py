@@ -1,0 +1,1 @@
+"""khoclient: the Python client library for khod (DESIGN §6)."""

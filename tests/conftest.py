@@ -1,0 +1,71 @@
+"""Shared fixtures: scratch directories on tmpfs, region factories, hypothesis profiles."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, settings
+
+from khod.abi import PAGE_SHIFT
+from khod.allocator import Allocator
+from khod.region import Region, open_region
+from khod.serial import ScratchRange
+
+settings.register_profile(
+    "khod",
+    deadline=None,
+    max_examples=60,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.register_profile("thorough", parent=settings.get_profile("khod"), max_examples=600)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "khod"))
+
+BASE = 0x1_0000_0000  # regions in tests sit at 4 GiB, as in DESIGN's example
+
+
+@pytest.fixture
+def shm_dir() -> Iterator[Path]:
+    """A private directory on tmpfs (short path: Unix sockets need < 108 bytes)."""
+    root = "/dev/shm" if os.path.isdir("/dev/shm") else None
+    path = Path(tempfile.mkdtemp(prefix="khodt-", dir=root))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+MakeRegion = Callable[..., Region]
+
+
+@pytest.fixture
+def make_region(shm_dir: Path) -> Iterator[MakeRegion]:
+    opened: list[Region] = []
+
+    def make(size: int = 64 << 20, base: int = BASE, name: str = "region") -> Region:
+        r = open_region("file", str(shm_dir / name), base=base, size=size)
+        opened.append(r)
+        return r
+
+    yield make
+    for r in opened:
+        r.close()
+
+
+def allocator_for(
+    region: Region, scratch_size: int = 4 << 20, *, scratch_at_end: bool = False
+) -> tuple[Allocator, ScratchRange]:
+    """khod's layout: the record page reserved, scratch right after it (or at the end)."""
+    start = region.end - scratch_size if scratch_at_end else region.base + 4096
+    scratch = ScratchRange(start, scratch_size)
+    alloc = Allocator(
+        region.base_pfn,
+        region.npages,
+        scratch=(scratch.phys >> PAGE_SHIFT, scratch_size >> PAGE_SHIFT),
+    )
+    alloc.reserve_pages(region.base_pfn, 1)
+    return alloc, scratch
