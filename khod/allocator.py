@@ -1,0 +1,341 @@
+"""A buddy allocator over the region's pfns, with memblock-style reservations.
+
+Blocks are naturally aligned, orders 0..18. Three kinds of pages exist
+outside the free lists: *allocated* blocks (client folios, metadata pages;
+freed by head pfn), *reserved* ranges (the memblock role: the handover
+record, incoming preserved memory before it is restored), and *scratch*, a
+separate pool that client allocations never come from. In scratch-only mode
+(the successor before populate has processed the incoming metadata) only
+scratch can be allocated, so nothing lands on memory still to be reserved.
+
+Every misuse -- double free, freeing a pfn that is not a block head,
+reserving pages that are not free -- raises instead of corrupting state, and
+the four byte counts always add up to the region size.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from khod.abi import MAX_ORDER, NR_ORDERS, PAGE_SHIFT, check_order, split_range
+from khod.errors import ebusy, einval, enomem
+
+
+class _Pool:
+    """Free lists of one contiguous-or-not set of pages, with buddy merging."""
+
+    def __init__(self, name: str, ranges: Iterable[tuple[int, int]]) -> None:
+        self.name = name
+        self.free: list[set[int]] = [set() for _ in range(NR_ORDERS)]
+        self._heap: list[list[int]] = [[] for _ in range(NR_ORDERS)]
+        self.total = 0
+        self.free_pages = 0
+        self.ranges = [(p, n) for p, n in ranges if n > 0]
+        for pfn, npages in self.ranges:
+            self.total += npages
+            for head, order in split_range(pfn, npages):
+                self._push(head, order)
+
+    def contains(self, pfn: int) -> bool:
+        return any(p <= pfn < p + n for p, n in self.ranges)
+
+    def _push(self, head: int, order: int) -> None:
+        self.free[order].add(head)
+        heap = self._heap[order]
+        heapq.heappush(heap, head)
+        if len(heap) > 2 * len(self.free[order]) + 64:
+            self._heap[order] = sorted(self.free[order])
+        self.free_pages += 1 << order
+
+    def _remove(self, head: int, order: int) -> None:
+        self.free[order].remove(head)
+        self.free_pages -= 1 << order
+
+    def take(self, order: int) -> int | None:
+        """The lowest free block of the smallest order >= ``order``, split down."""
+        for o in range(order, NR_ORDERS):
+            if not self.free[o]:
+                continue
+            heap = self._heap[o]
+            while True:
+                head = heapq.heappop(heap)
+                if head in self.free[o]:
+                    break
+            self._remove(head, o)
+            while o > order:
+                o -= 1
+                self._push(head + (1 << o), o)
+            return head
+        return None
+
+    def give(self, head: int, order: int) -> None:
+        """Return a block, merging with free buddies as far as they go."""
+        while order < MAX_ORDER:
+            buddy = head ^ (1 << order)
+            if buddy not in self.free[order]:
+                break
+            self._remove(buddy, order)
+            head = min(head, buddy)
+            order += 1
+        self._push(head, order)
+
+    def containing(self, pfn: int) -> tuple[int, int] | None:
+        """The free block ``(head, order)`` that holds page ``pfn``."""
+        for o in range(NR_ORDERS):
+            head = pfn & ~((1 << o) - 1)
+            if head in self.free[o]:
+                return head, o
+        return None
+
+    def carve(self, head: int, order: int, want: int, want_order: int) -> None:
+        """Take the free block ``(head, order)`` and keep only ``(want, want_order)`` out."""
+        self._remove(head, order)
+        while order > want_order:
+            order -= 1
+            half = 1 << order
+            if want >= head + half:
+                self._push(head, order)
+                head += half
+            else:
+                self._push(head + half, order)
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Bytes by use; ``free + allocated + reserved + scratch == total``."""
+
+    total: int
+    free: int
+    allocated: int
+    reserved: int
+    scratch: int
+    scratch_free: int
+
+
+class Allocator:
+    """Buddy allocator over ``[base_pfn, base_pfn + npages)`` with a scratch pool."""
+
+    def __init__(self, base_pfn: int, npages: int, *, scratch: tuple[int, int] = (0, 0)) -> None:
+        if base_pfn < 0 or npages <= 0:
+            raise einval(f"empty or negative allocator range {base_pfn:#x}+{npages}")
+        s_pfn, s_pages = scratch
+        end = base_pfn + npages
+        if s_pages and not (base_pfn <= s_pfn and s_pfn + s_pages <= end):
+            raise einval(f"scratch {s_pfn:#x}+{s_pages} pages lies outside the region")
+        self.base_pfn = base_pfn
+        self.npages = npages
+        self.scratch_range = (s_pfn, s_pages)
+        if s_pages:
+            main = [(base_pfn, s_pfn - base_pfn), (s_pfn + s_pages, end - s_pfn - s_pages)]
+        else:
+            main = [(base_pfn, npages)]
+        self._main = _Pool("main", main)
+        self._scratch = _Pool("scratch", [(s_pfn, s_pages)] if s_pages else [])
+        self.allocated: dict[int, int] = {}
+        self.reserved: dict[int, int] = {}
+        self._allocated_main = 0
+        self._reserved_pages = 0
+        self.scratch_only = False
+
+    # ----------------------------------------------------------------- queries
+
+    def in_region(self, pfn: int, npages: int = 1) -> bool:
+        return self.base_pfn <= pfn and pfn + npages <= self.base_pfn + self.npages
+
+    def in_scratch(self, pfn: int, npages: int = 1) -> bool:
+        """Whether ``[pfn, pfn + npages)`` shares a page with scratch."""
+        s, n = self.scratch_range
+        return n > 0 and pfn < s + n and s < pfn + npages
+
+    def usage(self) -> Usage:
+        page = 1 << PAGE_SHIFT
+        return Usage(
+            total=self.npages * page,
+            free=self._main.free_pages * page,
+            allocated=self._allocated_main * page,
+            reserved=self._reserved_pages * page,
+            scratch=self._scratch.total * page,
+            scratch_free=self._scratch.free_pages * page,
+        )
+
+    def order_of(self, pfn: int) -> int | None:
+        """The order of the allocation whose head is ``pfn``."""
+        return self.allocated.get(pfn)
+
+    def _check_range(self, pfn: int, npages: int) -> None:
+        if npages <= 0:
+            raise einval("empty range")
+        if not self.in_region(pfn, npages):
+            raise einval(
+                f"pages {pfn:#x}+{npages} are outside the region {self.base_pfn:#x}+{self.npages}"
+            )
+        if self.in_scratch(pfn, npages):
+            raise einval(f"pages {pfn:#x}+{npages} overlap scratch")
+
+    # ----------------------------------------------------------------- allocate / free
+
+    def alloc(self, order: int) -> int:
+        """Allocate a naturally aligned block of ``2**order`` pages; returns its pfn."""
+        check_order(order)
+        pool = self._scratch if self.scratch_only else self._main
+        head = pool.take(order)
+        if head is None:
+            where = "scratch" if self.scratch_only else "the region"
+            raise enomem(f"no free order-{order} block in {where}")
+        self.allocated[head] = order
+        if pool is self._main:
+            self._allocated_main += 1 << order
+        return head
+
+    def alloc_pages(self, count: int) -> list[int]:
+        """``count`` order-0 pages, all or none."""
+        got: list[int] = []
+        try:
+            for _ in range(count):
+                got.append(self.alloc(0))  # noqa: PERF401 -- partial list is the rollback
+        except BaseException:
+            self.free_many(got)
+            raise
+        return got
+
+    def free(self, pfn: int) -> None:
+        order = self.allocated.pop(pfn, None)
+        if order is None:
+            pool = self._scratch if self._scratch.contains(pfn) else self._main
+            if pool.containing(pfn) is not None:
+                raise einval(f"double free: pfn {pfn:#x} is already free")
+            raise einval(f"pfn {pfn:#x} is not the head of an allocation")
+        if self._scratch.contains(pfn):
+            self._scratch.give(pfn, order)
+        else:
+            self._allocated_main -= 1 << order
+            self._main.give(pfn, order)
+
+    def free_many(self, pfns: Iterable[int]) -> None:
+        for pfn in pfns:
+            self.free(pfn)
+
+    # ----------------------------------------------------------------- reserve (memblock)
+
+    def reserve(self, phys: int, size: int) -> None:
+        """Take a page-aligned phys range out of the free pool for good."""
+        if phys % (1 << PAGE_SHIFT) or size % (1 << PAGE_SHIFT):
+            raise einval(f"range {phys:#x}+{size:#x} is not page-aligned")
+        self.reserve_pages(phys >> PAGE_SHIFT, size >> PAGE_SHIFT)
+
+    def reserve_pages(self, pfn: int, npages: int) -> None:
+        self.reserve_runs(np.array([pfn], dtype=np.int64), np.array([npages], dtype=np.int64))
+
+    def reserve_runs(self, pfns: npt.NDArray[np.int64], npages: npt.NDArray[np.int64]) -> None:
+        """Reserve many page ranges at once; all or nothing.
+
+        The successor reserves every incoming folio through here as
+        coalesced runs, so 64 GiB of order-0 folios costs one carve, not
+        sixteen million.
+        """
+        blocks: list[tuple[int, int]] = []
+        for pfn, n in zip(pfns.tolist(), npages.tolist(), strict=True):
+            self._check_range(pfn, n)
+            blocks.extend(split_range(pfn, n))
+        blocks.sort()
+        for (h1, o1), (h2, _) in itertools.pairwise(blocks):
+            if h1 + (1 << o1) > h2:
+                raise einval(f"reserve ranges overlap each other at pfn {h2:#x}")
+        for head, order in blocks:
+            if not self._block_is_free(head, order):
+                raise ebusy(
+                    f"pages {head:#x}+{1 << order} are not all free (allocated or already reserved)"
+                )
+        for head, order in blocks:
+            hit = self._main.containing(head)
+            assert hit is not None, "checked above"
+            self._main.carve(hit[0], hit[1], head, order)
+            self.reserved[head] = order
+            self._reserved_pages += 1 << order
+
+    def _block_is_free(self, head: int, order: int) -> bool:
+        """Whether every page of the aligned block is in the main pool's free lists."""
+        hit = self._main.containing(head)
+        if hit is not None and hit[1] >= order:
+            return True
+        if order == 0:
+            return False
+        half = 1 << (order - 1)
+        return self._block_is_free(head, order - 1) and self._block_is_free(head + half, order - 1)
+
+    def _reserved_block(self, pfn: int) -> tuple[int, int] | None:
+        """The reserved block ``(head, order)`` that holds page ``pfn``."""
+        for o in range(NR_ORDERS):
+            head = pfn & ~((1 << o) - 1)
+            order = self.reserved.get(head)
+            if order is not None and head + (1 << order) > pfn:
+                return head, order
+        return None
+
+    def _is_reserved(self, head: int, order: int) -> bool:
+        # Aligned blocks either nest or are disjoint: the reserved block holding
+        # ``head`` either covers the whole block or is smaller and starts at head.
+        hit = self._reserved_block(head)
+        if hit is None:
+            return False
+        if hit[1] >= order:
+            return True
+        half = 1 << (order - 1)
+        return self._is_reserved(head, order - 1) and self._is_reserved(head + half, order - 1)
+
+    def _take_reserved(self, head: int, order: int) -> None:
+        """Remove the (fully reserved) block from the reserved set, splitting as needed."""
+        hit = self._reserved_block(head)
+        assert hit is not None
+        bhead, border = hit
+        if border < order:
+            half = 1 << (order - 1)
+            self._take_reserved(head, order - 1)
+            self._take_reserved(head + half, order - 1)
+            return
+        del self.reserved[bhead]
+        while border > order:
+            border -= 1
+            half = 1 << border
+            if head >= bhead + half:
+                self.reserved[bhead] = border
+                bhead += half
+            else:
+                self.reserved[bhead + half] = border
+        self._reserved_pages -= 1 << order
+
+    def _check_reserved(self, blocks: list[tuple[int, int]]) -> None:
+        for head, order in blocks:
+            if not self._is_reserved(head, order):
+                raise einval(f"pages {head:#x}+{1 << order} are not all reserved")
+
+    def unreserve_pages(self, pfn: int, npages: int) -> None:
+        """Give reserved pages back to the free pool (release_unclaimed)."""
+        self._check_range(pfn, npages)
+        blocks = split_range(pfn, npages)
+        self._check_reserved(blocks)
+        for head, order in blocks:
+            self._take_reserved(head, order)
+            self._main.give(head, order)
+
+    def claim(self, pfn: int, order: int) -> None:
+        """Turn the reserved folio ``(pfn, order)`` into an allocation (a restore)."""
+        check_order(order)
+        if pfn & ((1 << order) - 1):
+            raise einval(f"pfn {pfn:#x} is not aligned to order {order}")
+        self._check_range(pfn, 1 << order)
+        self._check_reserved([(pfn, order)])
+        self._take_reserved(pfn, order)
+        self.allocated[pfn] = order
+        self._allocated_main += 1 << order
+
+    # ----------------------------------------------------------------- modes
+
+    def set_scratch_only(self, on: bool) -> None:
+        self.scratch_only = on
