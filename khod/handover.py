@@ -1,0 +1,424 @@
+"""Write a complete handover into a region, and read one back (DESIGN §3).
+
+A handover is: one chunk list for every preserved folio (the root list a
+kernel would read), one list per session (so ownership survives), the KHO
+FDT that points at them, and -- written last, after everything else is
+flushed -- the handover record on the region's first page. That record
+write is the commit point: a crash before it leaves no handover, a crash
+after it leaves a complete one.
+
+Reading validates everything before anything is trusted; the first fault
+refuses the whole handover with a :class:`HandoverError` naming it.
+"""
+
+from __future__ import annotations
+
+import os
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from khod.abi import (
+    PAGE_SHIFT,
+    PAGE_SIZE,
+    RECORD_BYTES,
+    HandoverRecord,
+    RecordState,
+    decode_record,
+    record_present,
+)
+from khod.allocator import Allocator
+from khod.dtb import DtbError, from_dtb, to_dtb
+from khod.errors import Fault, HandoverError, KhoError, einval
+from khod.region import Region
+from khod.serial import (
+    DeserializedList,
+    PointerBounds,
+    ScratchRange,
+    SerializedList,
+    deserialize,
+    serialize,
+)
+from khod.tracker import Tracker
+from khod.tree import Node, TreeLimits, as_string, as_u32, as_u64, string_value, u32, u64
+
+KHO_COMPATIBLE = "kho-v1"
+KHOD_COMPATIBLE = "khod-v1"
+SESSION_COMPATIBLE = "khod,session-v1"
+ROOT_NODES = frozenset({"preserved-memory", "khod"})  # not available as session names
+SESSION_PROPS = frozenset({"compatible", "owner-uid", "metadata"})  # written by khod
+MAX_FDT_BYTES = 64 << 20
+
+Hook = Callable[[str], None]
+
+
+def _no_hook(point: str) -> None:
+    return None
+
+
+@dataclass
+class SessionImage:
+    """What one session hands over: its folios and its subtree."""
+
+    name: str
+    uid: int
+    tracker: Tracker
+    subtree: Node = field(default_factory=Node)
+
+
+@dataclass
+class Committed:
+    """A written handover: what it holds and which pages it occupies."""
+
+    record: HandoverRecord
+    root: SerializedList
+    sessions: dict[str, SerializedList]
+    fdt: bytes
+    fdt_block: tuple[int, int]  # (pfn, order) of the FDT's pages
+    metadata_crc32: int
+    folios_by_order: dict[int, int]
+    bytes_by_order: dict[int, int]
+
+    @property
+    def metadata_pages(self) -> int:
+        return len(self.root.pages) + sum(len(s.pages) for s in self.sessions.values())
+
+    @property
+    def chunk_pages(self) -> int:
+        return self.root.chunks + sum(s.chunks for s in self.sessions.values())
+
+    def free(self, allocator: Allocator) -> None:
+        """Give every metadata and FDT page back (unfreeze)."""
+        allocator.free_many(self.root.pages)
+        for s in self.sessions.values():
+            allocator.free_many(s.pages)
+        allocator.free(self.fdt_block[0])
+
+
+# --------------------------------------------------------------------------- record
+
+
+def read_record(region: Region) -> HandoverRecord | None:
+    """The record on the first page, None if the page holds none (a fresh region)."""
+    page = region.read(region.base, RECORD_BYTES)
+    if not record_present(page):
+        return None
+    return decode_record(page)
+
+
+def write_record(region: Region, record: HandoverRecord) -> None:
+    region.write(region.base, record.encode())
+    region.flush(region.base, PAGE_SIZE)
+
+
+def live_record(
+    region: Region, scratch: ScratchRange, generation: int, pid: int | None = None
+) -> HandoverRecord:
+    """The record a running daemon keeps: no handover, owned by ``pid``."""
+    return HandoverRecord(
+        state=RecordState.LIVE,
+        owner_pid=os.getpid() if pid is None else pid,
+        region_base=region.base,
+        region_size=region.size,
+        fdt_phys=0,
+        fdt_size=0,
+        fdt_crc32=0,
+        scratch_phys=scratch.phys,
+        scratch_size=scratch.size,
+        generation=generation,
+    )
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def build_fdt(
+    generation: int,
+    root_first_chunk: int,
+    metadata_crc32: int,
+    sessions: list[tuple[SessionImage, int]],
+) -> Node:
+    """The KHO tree of DESIGN §3; ``sessions`` pairs each image with its list's first chunk."""
+    root = Node(props={"compatible": string_value(KHO_COMPATIBLE)})
+    root.children["preserved-memory"] = Node(props={"metadata": u64(root_first_chunk)})
+    root.children["khod"] = Node(
+        props={
+            "compatible": string_value(KHOD_COMPATIBLE),
+            "generation": u64(generation),
+            "metadata-crc32": u32(metadata_crc32),
+        }
+    )
+    for image, first in sessions:
+        if image.name in ROOT_NODES:
+            raise einval(f"session name {image.name!r} is reserved")
+        node = image.subtree.copy()
+        clash = SESSION_PROPS & node.props.keys()
+        if clash:
+            raise einval(f"session {image.name!r} subtree sets reserved properties {clash}")
+        node.props.update(
+            {
+                "compatible": string_value(SESSION_COMPATIBLE),
+                "owner-uid": u32(image.uid),
+                "metadata": u64(first),
+            }
+        )
+        root.children[image.name] = node
+    return root
+
+
+def commit(
+    region: Region,
+    allocator: Allocator,
+    scratch: ScratchRange,
+    generation: int,
+    sessions: list[SessionImage],
+    *,
+    hook: Hook = _no_hook,
+) -> Committed:
+    """Serialize everything, write the FDT, flush, then commit the record.
+
+    On any failure before the commit point every page taken is given back
+    and the region's record is untouched.
+    """
+    sessions = sorted(sessions, key=lambda s: s.name)
+    if len({s.name for s in sessions}) != len(sessions):
+        raise einval("two sessions share a name")
+    root_tracker = Tracker.union([s.tracker for s in sessions])
+    if root_tracker.count() != sum(s.tracker.count() for s in sessions):
+        raise einval("sessions' preservation sets are not disjoint")
+    written: list[SerializedList] = []
+    fdt_pfn: int | None = None
+    try:
+        hook("serialize")
+        root = serialize(root_tracker, allocator, region)
+        written.append(root)
+        lists: dict[str, SerializedList] = {}
+        crc = root.crc32
+        for s in sessions:
+            lists[s.name] = serialize(s.tracker, allocator, region, crc_seed=crc)
+            written.append(lists[s.name])
+            crc = lists[s.name].crc32
+        tree = build_fdt(
+            generation, root.first_chunk, crc, [(s, lists[s.name].first_chunk) for s in sessions]
+        )
+        blob = to_dtb(tree)
+        if len(blob) > MAX_FDT_BYTES:
+            raise einval(f"the KHO FDT would be {len(blob)} bytes (limit {MAX_FDT_BYTES})")
+        pages = -(-len(blob) // PAGE_SIZE)
+        fdt_order = max(0, (pages - 1).bit_length())
+        fdt_pfn = allocator.alloc(fdt_order)
+        fdt_phys = fdt_pfn << PAGE_SHIFT
+        region.write(fdt_phys, blob + bytes((pages << PAGE_SHIFT) - len(blob)))
+        hook("fdt")
+        region.flush()
+        record = HandoverRecord(
+            state=RecordState.HANDOVER,
+            owner_pid=os.getpid(),
+            region_base=region.base,
+            region_size=region.size,
+            fdt_phys=fdt_phys,
+            fdt_size=len(blob),
+            fdt_crc32=zlib.crc32(blob),
+            scratch_phys=scratch.phys,
+            scratch_size=scratch.size,
+            generation=generation,
+        )
+        hook("commit")
+        write_record(region, record)
+    except BaseException:
+        for w in written:
+            allocator.free_many(w.pages)
+        if fdt_pfn is not None:
+            allocator.free(fdt_pfn)
+        raise
+    hook("committed")
+    return Committed(
+        record=record,
+        root=root,
+        sessions=lists,
+        fdt=blob,
+        fdt_block=(fdt_pfn, fdt_order),
+        metadata_crc32=crc,
+        folios_by_order={o: root_tracker.count(o) for o in root_tracker.orders},
+        bytes_by_order={o: root_tracker.count(o) << (o + PAGE_SHIFT) for o in root_tracker.orders},
+    )
+
+
+# --------------------------------------------------------------------------- reading
+
+
+@dataclass
+class IncomingSession:
+    name: str
+    uid: int
+    memory: DeserializedList
+    subtree: Node  # the session node without khod's own properties
+
+
+@dataclass
+class Incoming:
+    """A validated handover, ready to be reserved and restored."""
+
+    record: HandoverRecord
+    generation: int
+    fdt: bytes
+    tree: Node
+    root: DeserializedList
+    sessions: dict[str, IncomingSession]
+    metadata_crc32: int
+
+    @property
+    def scratch(self) -> ScratchRange:
+        return ScratchRange(self.record.scratch_phys, self.record.scratch_size)
+
+
+def _prop(node: Node, path: str, name: str, size: int | None = None) -> bytes:
+    value = node.props.get(name)
+    if value is None:
+        raise HandoverError(Fault.MISSING_PROPERTY, f"{path} has no {name!r} property")
+    if size is not None and len(value) != size:
+        raise HandoverError(
+            Fault.MISSING_PROPERTY,
+            f"{path} property {name!r} is {len(value)} bytes, expected {size}",
+        )
+    return value
+
+
+def _compatible(node: Node, path: str, want: str) -> None:
+    value = _prop(node, path, "compatible")
+    try:
+        got = as_string(value)
+    except KhoError:
+        got = repr(value)
+    if got != want:
+        raise HandoverError(
+            Fault.MISSING_PROPERTY, f"{path} is compatible {got!r}, expected {want!r}"
+        )
+
+
+def _check_record(region: Region, record: HandoverRecord) -> ScratchRange:
+    if record.region_base != region.base or record.region_size != region.size:
+        raise HandoverError(
+            Fault.REGION_MISMATCH,
+            f"the record describes region {record.region_base:#x}+{record.region_size:#x}, "
+            f"this daemon maps {region.base:#x}+{region.size:#x}",
+        )
+    sp, ss = record.scratch_phys, record.scratch_size
+    if ss and (
+        sp % PAGE_SIZE or ss % PAGE_SIZE or sp < region.base + PAGE_SIZE or sp + ss > region.end
+    ):
+        raise HandoverError(
+            Fault.BAD_RECORD, f"scratch {sp:#x}+{ss:#x} is not page-aligned inside the region"
+        )
+    return ScratchRange(sp, ss)
+
+
+def read_handover(
+    region: Region,
+    record: HandoverRecord,
+    *,
+    limits: TreeLimits | None = None,
+    hook: Hook = _no_hook,
+) -> Incoming:
+    """Validate and decode a committed handover; nothing is reserved here."""
+    if record.state is not RecordState.HANDOVER:
+        raise HandoverError(Fault.BAD_RECORD, f"the record says {record.state.name}, not HANDOVER")
+    scratch = _check_record(region, record)
+    bounds = PointerBounds(region, scratch)
+    if not 0 < record.fdt_size <= MAX_FDT_BYTES:
+        raise HandoverError(Fault.BAD_RECORD, f"FDT size {record.fdt_size} is out of range")
+    bounds.check(record.fdt_phys, record.fdt_size, PAGE_SIZE, "FDT")
+    blob = region.read(record.fdt_phys, record.fdt_size)
+    crc = zlib.crc32(blob)
+    if crc != record.fdt_crc32:
+        raise HandoverError(
+            Fault.CRC_MISMATCH,
+            f"FDT CRC32 is {crc:#010x}, the record says {record.fdt_crc32:#010x}",
+        )
+    hook("fdt")
+    try:
+        tree = from_dtb(blob, limits)
+    except DtbError as exc:
+        raise HandoverError(Fault.BAD_DTB, exc.detail) from None
+
+    _compatible(tree, "/", KHO_COMPATIBLE)
+    pm = tree.children.get("preserved-memory")
+    if pm is None:
+        raise HandoverError(Fault.MISSING_PROPERTY, "no /preserved-memory node")
+    root_first = as_u64(_prop(pm, "/preserved-memory", "metadata", 8))
+    khod = tree.children.get("khod")
+    if khod is None:
+        raise HandoverError(Fault.MISSING_PROPERTY, "no /khod node")
+    _compatible(khod, "/khod", KHOD_COMPATIBLE)
+    generation = as_u64(_prop(khod, "/khod", "generation", 8))
+    want_crc = as_u32(_prop(khod, "/khod", "metadata-crc32", 4))
+    if generation != record.generation:
+        raise HandoverError(
+            Fault.BAD_RECORD,
+            f"record generation {record.generation} differs from the FDT's {generation}",
+        )
+
+    root = deserialize(region, root_first, scratch)
+    crc = root.crc32
+    sessions: dict[str, IncomingSession] = {}
+    for name in sorted(tree.children):
+        if name in ROOT_NODES:
+            continue
+        node = tree.children[name]
+        path = f"/{name}"
+        _compatible(node, path, SESSION_COMPATIBLE)
+        uid = as_u32(_prop(node, path, "owner-uid", 4))
+        first = as_u64(_prop(node, path, "metadata", 8))
+        memory = deserialize(region, first, scratch, crc_seed=crc)
+        crc = memory.crc32
+        subtree = node.copy()
+        for p in SESSION_PROPS:
+            subtree.props.pop(p, None)
+        sessions[name] = IncomingSession(name, uid, memory, subtree)
+    if crc != want_crc:
+        raise HandoverError(
+            Fault.CRC_MISMATCH,
+            f"metadata CRC32 is {crc:#010x}, /khod says {want_crc:#010x}",
+        )
+    hook("lists")
+    _check_sessions(root, sessions)
+    _check_metadata_outside_folios(root, sessions, record)
+    return Incoming(record, generation, blob, tree, root, sessions, crc)
+
+
+def _check_sessions(root: DeserializedList, sessions: dict[str, IncomingSession]) -> None:
+    """Session lists must be disjoint and add up to the root list."""
+    acc = Tracker()
+    for name, s in sessions.items():
+        merged = Tracker.union([acc, s.memory.tracker])
+        if merged.count() != acc.count() + s.memory.tracker.count():
+            raise HandoverError(
+                Fault.SESSION_MISMATCH,
+                f"session {name!r} lists folios that another session lists too",
+            )
+        acc = merged
+    if acc != root.tracker:
+        raise HandoverError(
+            Fault.SESSION_MISMATCH,
+            f"session lists hold {acc.count()} folios in all, the root list "
+            f"{root.tracker.count()}; they must be the same set",
+        )
+
+
+def _check_metadata_outside_folios(
+    root: DeserializedList, sessions: dict[str, IncomingSession], record: HandoverRecord
+) -> None:
+    pages = set(root.metadata_pfns)
+    for s in sessions.values():
+        pages.update(s.memory.metadata_pfns)
+    first = record.fdt_phys >> PAGE_SHIFT
+    pages.update(range(first, first + -(-record.fdt_size // PAGE_SIZE)))
+    arr = np.fromiter(sorted(pages), dtype=np.int64, count=len(pages))
+    inside = root.tracker.contained_mask(arr, 0)
+    if inside.any():
+        pfn = int(arr[np.flatnonzero(inside)[0]])
+        raise HandoverError(
+            Fault.OVERLAP, f"metadata page pfn {pfn:#x} lies inside a preserved folio"
+        )
