@@ -185,6 +185,9 @@ class Tree:
         name = parts[-1]
         if name in parent.children:
             return False
+        if name in parent.props or (len(parts) == 1 and name in self.reserved_props):
+            # dtc flags a node and a property of the same name (node_name_vs_property_name)
+            raise eexist(f"{path}: its parent has a property named {name!r}")
         lim = self.limits
         if len(parts) >= lim.max_depth:
             raise einval(f"{path} is deeper than {lim.max_depth} levels")
@@ -224,6 +227,8 @@ class Tree:
         if not parts and name in self.reserved_props:
             raise eperm(f"property {name!r} of the session node is written by khod")
         node = self._find(parts)
+        if name in node.children:
+            raise eexist(f"{path} has a child node named {name!r}")
         old = node.props.get(name)
         if old is not None:
             if old == value:

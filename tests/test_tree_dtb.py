@@ -68,6 +68,11 @@ def test_v5_prop_semantics() -> None:
     assert e.value.code is Errno.EEXIST
     assert t.add_node("/a") is True
     assert t.add_node("/a") is False
+    with pytest.raises(KhoError, match="property named") as e:
+        t.add_node("/x")  # a node may not share a name with a sibling property
+    assert e.value.code is Errno.EEXIST
+    with pytest.raises(KhoError, match="child node named"):
+        t.add_prop("/", "a", b"")
     with pytest.raises(KhoError, match="no node /b") as e:
         t.add_node("/b/c")
     assert e.value.code is Errno.ENOENT
@@ -181,7 +186,8 @@ def trees(draw: st.DrawFn, depth: int = 0) -> Node:
         node.props[name] = draw(values)
     if depth < 3:
         for name in draw(st.lists(names, max_size=3, unique=True)):
-            node.children[name] = draw(trees(depth + 1))
+            if name not in node.props:  # Tree refuses a node named like a sibling property
+                node.children[name] = draw(trees(depth + 1))
     return node
 
 
