@@ -1,0 +1,151 @@
+"""The wire protocol: msgpack maps over a Unix stream socket (DESIGN §5).
+
+Sans-I/O, shared by the daemon and the client library. One message is one
+msgpack map:
+
+* request   ``{"id": 7, "op": "alloc_folio", "order": 9}`` -- every key but
+  ``id`` and ``op`` is an argument;
+* reply     ``{"id": 7, "result": {...}}`` or
+            ``{"id": 7, "error": {"code": "EINVAL", "message": "..."}}``;
+* event     ``{"event": "finalize", "token": 3, ...}`` pushed by the daemon;
+  notifier events are answered with a ``notify_reply`` request.
+
+A reply that carries file descriptors (SCM_RIGHTS) says how many in
+``"nfds"``; fds are not tied to frame boundaries, so receivers keep a FIFO.
+
+The decoder enforces hard limits (frame bytes, array and map lengths); a
+stream that breaks them, or that is not msgpack at all, is unrecoverable
+(:class:`FrameError`) and the connection is closed. A well-formed message
+that is not a valid request gets an error reply instead (:class:`BadRequest`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+
+from khod.errors import Errno, KhoError
+
+MAX_ID = (1 << 63) - 1
+DEFAULT_MAX_FRAME = 16 << 20
+DEFAULT_MAX_ARRAY = 1 << 20
+DEFAULT_MAX_MAP = 64
+
+
+class FrameError(Exception):
+    """The byte stream cannot be decoded further: close the connection."""
+
+
+class BadRequest(KhoError):
+    """A decodable message that is not a valid request; ``id`` is kept when known."""
+
+    def __init__(self, req_id: int | None, code: Errno, message: str) -> None:
+        super().__init__(code, message)
+        self.req_id = req_id
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_frame: int = DEFAULT_MAX_FRAME
+    max_array: int = DEFAULT_MAX_ARRAY
+    max_map: int = DEFAULT_MAX_MAP
+
+
+class Decoder:
+    """Incremental decoder: ``feed(bytes) -> [message, ...]``."""
+
+    def __init__(self, limits: Limits | None = None) -> None:
+        lim = limits or Limits()
+        self._unpacker = msgpack.Unpacker(
+            raw=False,
+            strict_map_key=True,
+            use_list=True,
+            max_buffer_size=lim.max_frame,
+            max_array_len=lim.max_array,
+            max_map_len=lim.max_map,
+            max_ext_len=0,
+        )
+        self.max_frame = lim.max_frame
+        self._fed = 0  # bytes fed so far
+        self._end = 0  # stream offset just after the last complete message
+
+    def feed(self, data: bytes) -> list[Any]:
+        too_big = FrameError(f"a frame exceeds the {self.max_frame}-byte limit")
+        try:
+            self._unpacker.feed(data)
+        except msgpack.BufferFull:
+            raise too_big from None
+        self._fed += len(data)
+        out: list[Any] = []
+        try:
+            for message in self._unpacker:
+                end = self._unpacker.tell()
+                if end - self._end > self.max_frame:
+                    raise too_big
+                out.append(message)
+                self._end = end
+        except msgpack.BufferFull:
+            raise too_big from None
+        except (ValueError, msgpack.StackError, msgpack.ExtraData) as exc:
+            raise FrameError(f"undecodable frame: {exc}") from None
+        # The streaming parser consumes containers as they arrive, so its buffer
+        # limit alone does not bound a message: count the bytes since the last one.
+        if self._fed - self._end > self.max_frame:
+            raise too_big
+        return out
+
+
+def encode(message: Mapping[str, Any]) -> bytes:
+    return msgpack.packb(message, use_bin_type=True)  # type: ignore[no-any-return]
+
+
+@dataclass(frozen=True)
+class Request:
+    id: int
+    op: str
+    args: dict[str, Any] = field(default_factory=dict)
+
+
+def parse_request(obj: object) -> Request:
+    """Check the envelope of a decoded message; arguments are checked per op."""
+    if not isinstance(obj, dict):
+        raise BadRequest(None, Errno.EPROTO, f"a message must be a map, got {type(obj).__name__}")
+    req_id = obj.get("id")
+    if not isinstance(req_id, int) or isinstance(req_id, bool) or not 0 <= req_id <= MAX_ID:
+        raise BadRequest(None, Errno.EPROTO, "a request needs an integer 'id' in 0..2**63-1")
+    op = obj.get("op")
+    if not isinstance(op, str):
+        raise BadRequest(req_id, Errno.EPROTO, "a request needs a string 'op'")
+    args = {k: v for k, v in obj.items() if k not in ("id", "op")}
+    return Request(req_id, op, args)
+
+
+def request(req_id: int, op: str, **args: Any) -> dict[str, Any]:
+    return {"id": req_id, "op": op, **args}
+
+
+def reply(req_id: int | None, result: Any = None, *, nfds: int = 0) -> dict[str, Any]:
+    msg: dict[str, Any] = {"id": req_id, "result": result}
+    if nfds:
+        msg["nfds"] = nfds
+    return msg
+
+
+def error_reply(req_id: int | None, error: KhoError) -> dict[str, Any]:
+    return {"id": req_id, "error": {"code": str(error.code), "message": error.message}}
+
+
+def event(name: str, **fields: Any) -> dict[str, Any]:
+    return {"event": name, **fields}
+
+
+def error_from_reply(err: object) -> KhoError:
+    """The KhoError a reply's ``error`` map describes (untrusted: the peer wrote it)."""
+    if isinstance(err, dict):
+        code, message = err.get("code"), err.get("message")
+        if isinstance(code, str) and code in Errno.__members__ and isinstance(message, str):
+            return KhoError(Errno(code), message)
+    return KhoError(Errno.EPROTO, f"malformed error reply: {err!r}")
