@@ -1,0 +1,120 @@
+"""Sessions: named owners of allocations, preservations and a KHO subtree.
+
+A session belongs to the uid that created it. It owns the folios it
+allocated or restored; it may preserve only memory it owns, so two
+sessions' preservation sets can never overlap and one session's requests
+never reach another's memory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
+
+from khod.abi import NR_ORDERS
+from khod.handover import SESSION_PROPS
+from khod.tracker import Tracker
+from khod.tree import Node, Tree, TreeLimits
+
+I64 = npt.NDArray[np.int64]
+
+
+@dataclass
+class IncomingState:
+    """What the predecessor handed over for one session name."""
+
+    name: str
+    uid: int
+    unclaimed: Tracker  # folios not restored yet
+    subtree: Node
+    claimed: bool = False  # a live session of this name has reattached
+
+
+class Session:
+    def __init__(self, name: str, uid: int, persistent: bool, limits: TreeLimits) -> None:
+        self.name = name
+        self.uid = uid
+        self.persistent = persistent
+        self.tracker = Tracker()
+        self.allocs: dict[int, int] = {}  # head pfn -> order: allocated or restored
+        self.tree = Tree(limits=limits, reserved_props=SESSION_PROPS)
+        self.connections: set[int] = set()
+        self.incoming: IncomingState | None = None
+        self._runs: tuple[I64, I64] | None = None
+
+    # ----------------------------------------------------------------- ownership
+
+    def add_alloc(self, pfn: int, order: int) -> None:
+        self.allocs[pfn] = order
+        self._runs = None
+
+    def drop_alloc(self, pfn: int) -> int:
+        order = self.allocs.pop(pfn)
+        self._runs = None
+        return order
+
+    def _alloc_containing(self, pfn: int) -> tuple[int, int] | None:
+        for order in range(NR_ORDERS):
+            head = pfn & ~((1 << order) - 1)
+            if self.allocs.get(head) == order:
+                return head, order
+        return None
+
+    def owns(self, pfn: int, npages: int) -> bool:
+        """Whether every page of ``[pfn, pfn + npages)`` lies in this session's memory."""
+        at, end = pfn, pfn + npages
+        while at < end:
+            hit = self._alloc_containing(at)
+            if hit is None:
+                return False
+            at = hit[0] + (1 << hit[1])
+        return True
+
+    def owned_runs(self) -> tuple[I64, I64]:
+        """Owned memory as coalesced (start, end) pfn runs, ascending (cached)."""
+        if self._runs is None:
+            n = len(self.allocs)
+            heads = np.fromiter(self.allocs.keys(), dtype=np.int64, count=n)
+            orders = np.fromiter(self.allocs.values(), dtype=np.int64, count=n)
+            perm = np.argsort(heads)
+            starts, ends = heads[perm], heads[perm] + (np.int64(1) << orders[perm])
+            if n:
+                keep = np.concatenate(([True], starts[1:] != ends[:-1]))
+                last = np.concatenate((np.flatnonzero(keep)[1:] - 1, [n - 1]))
+                starts, ends = starts[keep], ends[last]
+            self._runs = (starts, ends)
+        return self._runs
+
+    def owned_mask(self, pfns: I64, npages: I64) -> npt.NDArray[np.bool_]:
+        """Vectorized :meth:`owns` for many ranges."""
+        starts, ends = self.owned_runs()
+        if starts.size == 0:
+            return np.zeros(pfns.shape, dtype=bool)
+        i = np.searchsorted(starts, pfns, side="right") - 1
+        ok = i >= 0
+        j = np.maximum(i, 0)
+        return ok & (pfns + npages <= ends[j])
+
+    @property
+    def allocated_bytes(self) -> int:
+        return sum(4096 << o for o in self.allocs.values())
+
+    def __repr__(self) -> str:
+        return f"<Session {self.name!r} uid={self.uid} folios={self.tracker.count()}>"
+
+
+@dataclass
+class Peer:
+    """Who is on the other end of a connection (SO_PEERCRED at accept)."""
+
+    pid: int
+    uid: int
+    gid: int
+    operator: bool = False
+    groups: frozenset[int] = field(default_factory=frozenset)
+
+    @property
+    def is_root(self) -> bool:
+        return self.uid == 0
