@@ -1,0 +1,5 @@
+"""``python -m khod``: the daemon."""
+
+from khod.main import main
+
+main()

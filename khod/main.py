@@ -1,0 +1,224 @@
+"""``khod [--config FILE] [--reset] [--check-config]``: run the daemon.
+
+Exit status: 0 after a clean stop or a handover, 1 when a stop could not
+hand over as configured, 2 for a configuration or environment error, 3 when
+an incoming handover is refused (the region is left untouched for
+``khoctl inspect``), 4 when the region belongs to a live or crashed daemon.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+import trio
+
+from khod import __version__, faults, systemd
+from khod.config import Config, ConfigError, load, override
+from khod.engine import EngineLimits, StartupRefused, start_engine
+from khod.errors import KhoError
+from khod.log import Log
+from khod.region import Region, open_region
+from khod.server import Server, bind_unix, unlink_if_ours
+from khod.tree import TreeLimits
+
+EXIT_CONFIG = 2
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="khod", description="userspace Kexec HandOver daemon")
+    ap.add_argument("--config", "-c", help="TOML file (default /etc/khod/khod.toml if present)")
+    ap.add_argument(
+        "--reset",
+        action="store_true",
+        help="discard a live, damaged or unwanted handover record and start empty",
+    )
+    ap.add_argument(
+        "--check-config",
+        action="store_true",
+        help="validate, print the effective configuration and exit",
+    )
+    ap.add_argument("--socket", help="override server.socket")
+    ap.add_argument("--region-path", help="override region.path")
+    ap.add_argument("--region-size", help="override region.size (e.g. 4G)")
+    ap.add_argument("--metrics-listen", help="override metrics.listen ('' turns it off)")
+    ap.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override any key (repeatable)",
+    )
+    ap.add_argument("--version", action="version", version=f"khod {__version__}")
+    return ap.parse_args(argv)
+
+
+def effective_config(args: argparse.Namespace) -> Config:
+    cfg = load(args.config)
+    sets = list(args.set)
+    for flag, key in (
+        ("socket", "server.socket"),
+        ("region_path", "region.path"),
+        ("region_size", "region.size"),
+        ("metrics_listen", "metrics.listen"),
+        ("log_level", "logging.level"),
+    ):
+        value = getattr(args, flag)
+        if value is not None:
+            sets.append(f"{key}={json.dumps(value)}")
+    return override(cfg, sets) if sets else cfg
+
+
+def render_config(cfg: Config) -> str:
+    """The effective configuration as TOML."""
+    lines = [f"# effective configuration (from {cfg.source})"]
+    for section, table in cfg.as_dict().items():
+        lines.append(f"\n[{section}]")
+        for key, value in table.items():
+            if value is None:
+                shown = '"auto"'
+            elif isinstance(value, bool):
+                shown = "true" if value else "false"
+            elif key == "base":
+                shown = f"{value:#x}"
+            elif key == "socket_mode":
+                shown = f"0o{value:o}"
+            elif isinstance(value, int | float):
+                shown = str(value)
+            else:
+                shown = json.dumps(value)
+            lines.append(f"{key} = {shown}")
+    return "\n".join(lines) + "\n"
+
+
+def engine_limits(cfg: Config) -> EngineLimits:
+    lim = cfg.limits
+    return EngineLimits(
+        max_sessions=lim.max_sessions,
+        max_batch=lim.max_batch,
+        tree=TreeLimits(max_nodes=lim.tree_max_nodes, max_bytes=lim.tree_max_bytes),
+    )
+
+
+async def serve(server: Server, cfg: Config, log: Log, extra: Any = None) -> None:
+    """Listen (socket activation or bind), serve until stopped."""
+    activated = systemd.listen_fds()
+    identity = None
+    if activated:
+        listeners = [trio.SocketListener(trio.socket.from_stdlib_socket(s)) for s in activated]
+        log.info("listen", socket="systemd socket activation", fds=len(activated))
+    else:
+        listener, identity = bind_unix(
+            cfg.server.socket, cfg.server.socket_mode, cfg.server.socket_group
+        )
+        listeners = [listener]
+        log.info("listen", socket=cfg.server.socket, mode=f"{cfg.server.socket_mode:o}")
+    try:
+        async with trio.open_nursery() as nursery:
+            if extra is not None:
+                await extra(nursery)
+            await nursery.start(server.run, listeners)
+            e = server.engine
+            systemd.notify(
+                "READY=1",
+                f"STATUS={e.state}: generation {e.generation}, {len(e.sessions)} sessions",
+            )
+            log.info("ready", state=str(e.state), generation=e.generation)
+            await server.finished.wait()
+            nursery.cancel_scope.cancel()
+    finally:
+        if identity is not None:
+            unlink_if_ours(cfg.server.socket, identity)
+
+
+def run(argv: list[str] | None = None, *, metrics_factory: Any = None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = effective_config(args)
+    except ConfigError as exc:
+        print(f"khod: {exc.message}", file=sys.stderr)
+        return EXIT_CONFIG
+    if args.check_config:
+        print(render_config(cfg), end="")
+        return 0
+    log = Log(cfg.logging.level, cfg.logging.format)
+    r = cfg.region
+    try:
+        region = open_region(r.backend, r.path, base=r.base, size=r.size)
+    except KhoError as exc:
+        log.error("region.open_failed", backend=r.backend, path=r.path, reason=exc.message)
+        return EXIT_CONFIG
+    try:
+        return _run_on_region(region, cfg, args, log, metrics_factory)
+    finally:
+        try:
+            region.flush()
+        finally:
+            region.close()
+
+
+def _run_on_region(
+    region: Region, cfg: Config, args: argparse.Namespace, log: Log, metrics_factory: Any
+) -> int:
+    try:
+        engine, info = start_engine(
+            region,
+            scratch_size=cfg.region.scratch_size,
+            reset=args.reset,
+            limits=engine_limits(cfg),
+            hook=faults.point,
+        )
+    except StartupRefused as exc:
+        log.error("start.refused", code=str(exc.code), reason=exc.message, region=region.path)
+        if metrics_factory is not None:
+            metrics_factory.refused(exc)
+        return exc.exit_status
+    except KhoError as exc:
+        log.error("start.failed", code=str(exc.code), reason=exc.message)
+        return EXIT_CONFIG
+    if info.reset_from:
+        log.warning("start.reset", discarded=info.reset_from, region=region.path)
+    log.info(
+        "start",
+        mode=info.mode,
+        generation=info.generation,
+        region=f"{region.backend}:{region.path}",
+        base=f"{region.base:#x}",
+        size=region.size,
+        incoming_sessions=info.incoming_sessions or None,
+        incoming_bytes=info.incoming_bytes or None,
+        populate_ms=round(info.populate_s * 1e3, 3) if info.mode == "populate" else None,
+        version=__version__,
+    )
+    metrics = metrics_factory.create(engine, info) if metrics_factory is not None else None
+    server = Server(engine, cfg, log, metrics=metrics)
+    extra = metrics.serve if metrics is not None and cfg.metrics.listen else None
+    try:
+        trio.run(serve, server, cfg, log, extra)
+    except KhoError as exc:
+        log.error("serve.failed", code=str(exc.code), reason=exc.message)
+        return EXIT_CONFIG
+    except OSError as exc:
+        log.error("serve.failed", reason=str(exc))
+        return EXIT_CONFIG
+    if engine.state.value == "handed_over":
+        region.flush()
+        log.info("exit", reason=server.exit_reason, handover_generation=engine.generation + 1)
+    else:
+        try:
+            engine.stop_clean()
+        except KhoError as exc:
+            log.warning("exit.unclean", reason=exc.message)
+        log.info("exit", reason=server.exit_reason or "stopped", state=str(engine.state))
+    return server.exit_status
+
+
+def main() -> None:
+    sys.exit(run())
+
+
+if __name__ == "__main__":
+    main()
