@@ -1,0 +1,345 @@
+"""The trio client: ``async with AsyncClient(path, session="db") as c: ...``.
+
+A reader task routes replies to waiting calls by id; notifier callbacks
+(async functions) run as tasks of the client's nursery, so they may call the
+daemon themselves. Sends are serialized with a StrictFIFOLock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from types import TracebackType
+from typing import Any, TypeVar
+
+import numpy as np
+import trio
+
+from khod.errors import Errno, KhoError
+from khod.protocol import FrameError
+
+from . import calls as C
+from .calls import Call, Folio, NodeInfo, RegionInfo
+from .client import _order, _phys
+from .core import (
+    ANCILLARY,
+    RECV_FLAGS,
+    Core,
+    NotifierEvent,
+    Reply,
+    Veto,
+    decode_reply,
+    default_socket,
+    map_folio,
+    notifier_event,
+)
+
+T = TypeVar("T")
+AsyncCallback = Callable[[NotifierEvent], Awaitable[None]]
+
+
+class _Waiter:
+    __slots__ = ("done", "progress", "reply")
+
+    def __init__(self, progress: Callable[[dict[str, Any]], None] | None) -> None:
+        self.done = trio.Event()
+        self.reply: Reply | None = None
+        self.progress = progress
+
+
+class AsyncClient:
+    def __init__(
+        self, socket_path: str | None = None, session: str | None = None, persistent: bool = False
+    ) -> None:
+        self.socket_path = default_socket(socket_path)
+        self.session_name = session
+        self.persistent = persistent
+        self.handed_over = trio.Event()
+        self.hello_info: dict[str, Any] = {}
+        self._core = Core()
+        self._sock: trio.socket.SocketType | None = None
+        self._lock = trio.StrictFIFOLock()
+        self._pending: dict[int, _Waiter] = {}
+        self._callbacks: dict[str, AsyncCallback] = {}
+        self._region: tuple[int, RegionInfo] | None = None
+        self._nursery_cm: Any = None
+        self._nursery: trio.Nursery | None = None
+        self._closed_reason: str | None = None
+
+    async def __aenter__(self) -> AsyncClient:
+        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            await sock.connect(self.socket_path)
+        except OSError as exc:
+            sock.close()
+            raise KhoError(
+                Errno.ENOENT, f"cannot reach khod at {self.socket_path}: {exc.strerror}"
+            ) from None
+        self._sock = sock
+        self._nursery_cm = trio.open_nursery()
+        self._nursery = await self._nursery_cm.__aenter__()
+        self._nursery.start_soon(self._read_loop)
+        if self.session_name is not None:
+            try:
+                await self.hello(self.session_name, self.persistent)
+            except BaseException:
+                await self.aclose()
+                raise
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        try:
+            if self._nursery is not None:
+                self._nursery.cancel_scope.cancel()
+                if self._in_nursery():
+                    # called from a callback: the nursery finishes when the caller unwinds
+                    if self._sock is not None:
+                        self._sock.close()
+                    return
+                nursery_cm, self._nursery = self._nursery_cm, None
+                await nursery_cm.__aexit__(None, None, None)
+        finally:
+            if self._nursery is None:
+                if self._sock is not None:
+                    self._sock.close()
+                    self._sock = None
+                if self._region is not None:
+                    os.close(self._region[0])
+                    self._region = None
+                self._core.close_fds()
+
+    def _in_nursery(self) -> bool:
+        task: Any = trio.lowlevel.current_task()
+        while task is not None:
+            nursery = task.parent_nursery
+            if nursery is self._nursery:
+                return True
+            task = nursery.parent_task if nursery is not None else None
+        return False
+
+    # ----------------------------------------------------------------- plumbing
+
+    async def _read_loop(self) -> None:
+        assert self._sock is not None
+        try:
+            while True:
+                data, anc, flags, _ = await self._sock.recvmsg(1 << 16, ANCILLARY, RECV_FLAGS)
+                self._core.take_fds(anc)
+                if flags & socket.MSG_CTRUNC:
+                    raise KhoError(Errno.EPROTO, "file descriptors were truncated in transit")
+                if not data:
+                    break
+                for item in self._core.feed(data):
+                    if isinstance(item, dict):
+                        self._on_event(item)
+                        continue
+                    req_id, reply = item
+                    waiter = self._pending.pop(req_id, None) if isinstance(req_id, int) else None
+                    if waiter is None:
+                        for fd in reply.fds or []:
+                            os.close(fd)
+                        continue
+                    waiter.reply = reply
+                    waiter.done.set()
+        except (OSError, FrameError, KhoError) as exc:
+            self._closed_reason = f"connection lost: {exc}"
+        finally:
+            self._closed_reason = self._closed_reason or "connection closed"
+            for w in self._pending.values():
+                w.reply = Reply(error=KhoError(Errno.EPROTO, self._closed_reason))
+                w.done.set()
+            self._pending.clear()
+
+    def _on_event(self, msg: dict[str, Any]) -> None:
+        kind = msg.get("event")
+        if kind == "progress":
+            waiter = self._pending.get(msg.get("request"))  # type: ignore[arg-type]
+            if waiter is not None and waiter.progress is not None:
+                waiter.progress(msg)
+            return
+        if kind == "handover":
+            self.handed_over.set()
+            return
+        ev = notifier_event(msg)
+        if ev is not None and self._nursery is not None:
+            self._nursery.start_soon(self._run_callback, ev)
+
+    async def _run_callback(self, ev: NotifierEvent) -> None:
+        cb = self._callbacks.get(ev.name)
+        ok, reason, error = True, "", None
+        try:
+            if cb is not None:
+                await cb(ev)
+        except Veto as v:
+            ok, reason = False, str(v) or "vetoed"
+        except Exception as exc:
+            error = f"{type(exc).__name__}: {exc}"
+        with contextlib.suppress(KhoError):
+            await self.call(C.notify_reply(ev.token, ok, reason, error))
+
+    async def call(
+        self, call: Call[T], *, progress: Callable[[dict[str, Any]], None] | None = None
+    ) -> T:
+        if self._sock is None or self._closed_reason is not None:
+            raise KhoError(Errno.EPROTO, self._closed_reason or "not connected")
+        req_id, frame = self._core.frame(call)
+        waiter = _Waiter(progress)
+        self._pending[req_id] = waiter
+        try:
+            async with self._lock:
+                view = memoryview(frame)
+                while view:
+                    sent = await self._sock.send(view)
+                    view = view[sent:]
+        except OSError as exc:
+            self._pending.pop(req_id, None)
+            raise KhoError(Errno.EPROTO, f"sending {call.op} failed: {exc}") from None
+        await waiter.done.wait()
+        assert waiter.reply is not None
+        fds = waiter.reply.fds or []
+        if call.op == "region" and fds and waiter.reply.error is None:
+            for fd in fds[1:]:
+                os.close(fd)
+            info = decode_reply(call, waiter.reply)
+            if self._region is not None:
+                os.close(self._region[0])
+            self._region = (fds[0], info)
+            result: T = info
+            return result
+        for fd in fds:
+            os.close(fd)
+        out: T = decode_reply(call, waiter.reply)
+        return out
+
+    # ----------------------------------------------------------------- session and region
+
+    async def hello(self, name: str, persistent: bool = False) -> dict[str, Any]:
+        self.hello_info = await self.call(C.hello(name, persistent))
+        self.session_name = name
+        return self.hello_info
+
+    async def region(self) -> RegionInfo:
+        return await self.call(C.region())
+
+    async def map(self, folio: Folio) -> memoryview:
+        if self._region is None:
+            await self.region()
+        assert self._region is not None
+        return map_folio(self._region[0], self._region[1], folio)
+
+    async def subscribe(
+        self, on_finalize: AsyncCallback | None = None, on_unfreeze: AsyncCallback | None = None
+    ) -> list[str]:
+        self._callbacks = {
+            k: v for k, v in (("finalize", on_finalize), ("unfreeze", on_unfreeze)) if v is not None
+        }
+        return await self.call(C.subscribe(sorted(self._callbacks)))
+
+    async def ping(self) -> None:
+        await self.call(C.ping())
+
+    # ----------------------------------------------------------------- memory
+
+    async def alloc_folio(self, order: int) -> Folio:
+        return await self.call(C.alloc_folio(order))
+
+    async def alloc_folios(self, order: int, count: int) -> list[Folio]:
+        return await self.call(C.alloc_folios(order, count))
+
+    async def free_folio(self, phys: int | Folio) -> None:
+        await self.call(C.free_folio(_phys(phys)))
+
+    async def free_folios(self, phys: Iterable[int] | np.ndarray[Any, Any]) -> int:
+        return await self.call(C.free_folios(phys))
+
+    async def preserve_folio(self, phys: int | Folio, order: int | None = None) -> int:
+        return await self.call(C.preserve_folio(_phys(phys), _order(phys, order)))
+
+    async def unpreserve_folio(self, phys: int | Folio, order: int | None = None) -> int:
+        return await self.call(C.unpreserve_folio(_phys(phys), _order(phys, order)))
+
+    async def preserve_folios(
+        self,
+        phys: Iterable[int] | np.ndarray[Any, Any],
+        orders: int | Iterable[int] | np.ndarray[Any, Any] | None = None,
+    ) -> int:
+        return await self.call(C.preserve_folios(phys, orders))
+
+    async def unpreserve_folios(
+        self,
+        phys: Iterable[int] | np.ndarray[Any, Any],
+        orders: int | Iterable[int] | np.ndarray[Any, Any] | None = None,
+    ) -> int:
+        return await self.call(C.unpreserve_folios(phys, orders))
+
+    async def preserve_phys(self, phys: int, size: int) -> list[Folio]:
+        return await self.call(C.preserve_phys(phys, size))
+
+    async def unpreserve_phys(self, phys: int, size: int) -> list[Folio]:
+        return await self.call(C.unpreserve_phys(phys, size))
+
+    async def preserve_phys_ranges(self, ranges: Sequence[tuple[int, int]]) -> int:
+        return await self.call(C.preserve_phys_ranges(ranges))
+
+    async def unpreserve_phys_ranges(self, ranges: Sequence[tuple[int, int]]) -> int:
+        return await self.call(C.unpreserve_phys_ranges(ranges))
+
+    async def restore_folio(self, phys: int) -> Folio:
+        return await self.call(C.restore_folio(phys))
+
+    async def restore_phys(self, phys: int, size: int) -> list[Folio]:
+        return await self.call(C.restore_phys(phys, size))
+
+    # ----------------------------------------------------------------- tree
+
+    async def add_node(self, path: str) -> bool:
+        return await self.call(C.add_node(path))
+
+    async def add_prop(self, path: str, name: str, value: bytes) -> bool:
+        return await self.call(C.add_prop(path, name, value))
+
+    async def add_string_prop(self, path: str, name: str, value: str) -> bool:
+        return await self.call(C.add_string_prop(path, name, value))
+
+    async def remove_node(self, path: str) -> None:
+        await self.call(C.remove_node(path))
+
+    async def remove_prop(self, path: str, name: str) -> bytes:
+        return await self.call(C.remove_prop(path, name))
+
+    async def get_node(self, path: str, tree: str = "in") -> NodeInfo:
+        return await self.call(C.get_node(path, tree))
+
+    async def get_prop(self, path: str, name: str, tree: str = "in") -> bytes:
+        return await self.call(C.get_prop(path, name, tree))
+
+    # ----------------------------------------------------------------- operator
+
+    async def status(self) -> dict[str, Any]:
+        return await self.call(C.status())
+
+    async def fdt(self, which: str = "out") -> bytes:
+        return await self.call(C.fdt(which))
+
+    async def finalize(
+        self, progress: Callable[[dict[str, Any]], None] | None = None
+    ) -> dict[str, Any]:
+        return await self.call(C.finalize(), progress=progress)
+
+    async def unfreeze(
+        self, progress: Callable[[dict[str, Any]], None] | None = None
+    ) -> dict[str, Any]:
+        return await self.call(C.unfreeze(), progress=progress)
+
+    async def handover(self) -> dict[str, Any]:
+        return await self.call(C.handover())
+
+    async def release_unclaimed(self, session: str | None = None) -> dict[str, Any]:
+        return await self.call(C.release_unclaimed(session))

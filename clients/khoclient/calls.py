@@ -1,0 +1,241 @@
+"""One :class:`Call` per daemon operation: the op, its arguments, how to read the result.
+
+Sans-I/O and shared by the blocking and the trio client, so both speak the
+protocol the same way and differ only in how they wait.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+import numpy as np
+
+PAGE_SIZE = 4096
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Folio:
+    """``2**order`` pages at ``phys``."""
+
+    phys: int
+    order: int
+
+    @property
+    def size(self) -> int:
+        return PAGE_SIZE << self.order
+
+
+@dataclass(frozen=True)
+class RegionInfo:
+    base: int
+    size: int
+    map_offset: int
+    backend: str
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    props: list[str]
+    children: list[str]
+
+
+@dataclass(frozen=True)
+class Call(Generic[T]):
+    op: str
+    args: dict[str, Any] = field(default_factory=dict)
+    decode: Callable[[Any], T] = field(default=lambda r: r)
+
+
+def _as_u64s(values: Iterable[int] | np.ndarray[Any, Any]) -> bytes | list[int]:
+    """Large integer lists travel as packed little-endian u64 bytes (no per-int decoding)."""
+    if isinstance(values, np.ndarray):
+        return np.ascontiguousarray(values, dtype="<u8").tobytes()
+    return list(values)
+
+
+def _folio_list(r: Any) -> list[Folio]:
+    return [Folio(int(p), int(o)) for p, o in r["folios"]]
+
+
+def _none(_: Any) -> None:
+    return None
+
+
+def hello(name: str, persistent: bool) -> Call[dict[str, Any]]:
+    return Call("hello", {"name": name, "persistent": persistent})
+
+
+def region() -> Call[RegionInfo]:
+    return Call(
+        "region",
+        {},
+        lambda r: RegionInfo(
+            int(r["base"]), int(r["size"]), int(r["map_offset"]), str(r["backend"])
+        ),
+    )
+
+
+def ping() -> Call[None]:
+    return Call("ping", {}, _none)
+
+
+def subscribe(events: Sequence[str]) -> Call[list[str]]:
+    return Call("subscribe", {"events": list(events)}, lambda r: list(r["events"]))
+
+
+def notify_reply(token: int, ok: bool, reason: str = "", error: str | None = None) -> Call[None]:
+    args: dict[str, Any] = {"token": token, "ok": ok, "reason": reason}
+    if error is not None:
+        args["error"] = error
+    return Call("notify_reply", args, _none)
+
+
+def alloc_folio(order: int) -> Call[Folio]:
+    return Call("alloc_folio", {"order": order}, lambda r: Folio(int(r["phys"]), int(r["order"])))
+
+
+def alloc_folios(order: int, count: int) -> Call[list[Folio]]:
+    return Call(
+        "alloc_folios",
+        {"order": order, "count": count},
+        lambda r: [Folio(int(p), int(r["order"])) for p in r["phys"]],
+    )
+
+
+def free_folio(phys: int) -> Call[None]:
+    return Call("free_folio", {"phys": phys}, _none)
+
+
+def free_folios(phys: Iterable[int] | np.ndarray[Any, Any]) -> Call[int]:
+    return Call("free_folios", {"phys": _as_u64s(phys)}, lambda r: int(r["count"]))
+
+
+def preserve_folio(phys: int, order: int | None = None) -> Call[int]:
+    return Call("preserve_folio", {"phys": phys, "order": order}, lambda r: int(r["order"]))
+
+
+def unpreserve_folio(phys: int, order: int | None = None) -> Call[int]:
+    return Call("unpreserve_folio", {"phys": phys, "order": order}, lambda r: int(r["order"]))
+
+
+def _orders(orders: int | Iterable[int] | np.ndarray[Any, Any] | None) -> Any:
+    if orders is None or isinstance(orders, int):
+        return orders
+    return _as_u64s(orders)
+
+
+def preserve_folios(
+    phys: Iterable[int] | np.ndarray[Any, Any],
+    orders: int | Iterable[int] | np.ndarray[Any, Any] | None = None,
+) -> Call[int]:
+    return Call(
+        "preserve_folios",
+        {"phys": _as_u64s(phys), "orders": _orders(orders)},
+        lambda r: int(r["count"]),
+    )
+
+
+def unpreserve_folios(
+    phys: Iterable[int] | np.ndarray[Any, Any],
+    orders: int | Iterable[int] | np.ndarray[Any, Any] | None = None,
+) -> Call[int]:
+    return Call(
+        "unpreserve_folios",
+        {"phys": _as_u64s(phys), "orders": _orders(orders)},
+        lambda r: int(r["count"]),
+    )
+
+
+def preserve_phys(phys: int, size: int) -> Call[list[Folio]]:
+    return Call("preserve_phys", {"phys": phys, "size": size}, _folio_list)
+
+
+def unpreserve_phys(phys: int, size: int) -> Call[list[Folio]]:
+    return Call("unpreserve_phys", {"phys": phys, "size": size}, _folio_list)
+
+
+def preserve_phys_ranges(ranges: Sequence[tuple[int, int]]) -> Call[int]:
+    return Call(
+        "preserve_phys_ranges",
+        {"phys": [p for p, _ in ranges], "sizes": [s for _, s in ranges]},
+        lambda r: int(r["folios"]),
+    )
+
+
+def unpreserve_phys_ranges(ranges: Sequence[tuple[int, int]]) -> Call[int]:
+    return Call(
+        "unpreserve_phys_ranges",
+        {"phys": [p for p, _ in ranges], "sizes": [s for _, s in ranges]},
+        lambda r: int(r["folios"]),
+    )
+
+
+def restore_folio(phys: int) -> Call[Folio]:
+    return Call("restore_folio", {"phys": phys}, lambda r: Folio(int(r["phys"]), int(r["order"])))
+
+
+def restore_phys(phys: int, size: int) -> Call[list[Folio]]:
+    return Call("restore_phys", {"phys": phys, "size": size}, _folio_list)
+
+
+def add_node(path: str) -> Call[bool]:
+    return Call("add_node", {"path": path}, lambda r: bool(r["created"]))
+
+
+def add_prop(path: str, name: str, value: bytes) -> Call[bool]:
+    return Call(
+        "add_prop", {"path": path, "name": name, "value": bytes(value)}, lambda r: bool(r["added"])
+    )
+
+
+def add_string_prop(path: str, name: str, value: str) -> Call[bool]:
+    return Call(
+        "add_string_prop", {"path": path, "name": name, "value": value}, lambda r: bool(r["added"])
+    )
+
+
+def remove_node(path: str) -> Call[None]:
+    return Call("remove_node", {"path": path}, _none)
+
+
+def remove_prop(path: str, name: str) -> Call[bytes]:
+    return Call("remove_prop", {"path": path, "name": name}, lambda r: bytes(r["value"]))
+
+
+def get_node(path: str, tree: str = "in") -> Call[NodeInfo]:
+    return Call(
+        "get_node",
+        {"path": path, "tree": tree},
+        lambda r: NodeInfo(list(r["props"]), list(r["children"])),
+    )
+
+
+def get_prop(path: str, name: str, tree: str = "in") -> Call[bytes]:
+    return Call("get_prop", {"path": path, "name": name, "tree": tree}, lambda r: bytes(r["value"]))
+
+
+def status() -> Call[dict[str, Any]]:
+    return Call("status")
+
+
+def fdt(which: str) -> Call[bytes]:
+    return Call("fdt", {"which": which}, lambda r: bytes(r["fdt"]))
+
+
+def finalize() -> Call[dict[str, Any]]:
+    return Call("finalize")
+
+
+def unfreeze() -> Call[dict[str, Any]]:
+    return Call("unfreeze")
+
+
+def handover() -> Call[dict[str, Any]]:
+    return Call("handover")
+
+
+def release_unclaimed(session: str | None = None) -> Call[dict[str, Any]]:
+    return Call("release_unclaimed", {"session": session})

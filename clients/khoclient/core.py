@@ -1,0 +1,120 @@
+"""What both clients share: framing, request ids, the fd FIFO, event parsing, mapping."""
+
+from __future__ import annotations
+
+import array
+import itertools
+import mmap
+import os
+import socket
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+from khod.errors import Errno, KhoError
+from khod.protocol import Decoder, Limits, encode, error_from_reply
+
+from .calls import Call, Folio, RegionInfo
+
+DEFAULT_SOCKET = "/run/khod/khod.sock"
+ANCILLARY = socket.CMSG_SPACE(16 * 4)  # room for a few fds per recvmsg
+RECV_FLAGS = socket.MSG_CMSG_CLOEXEC
+
+
+def default_socket(explicit: str | None = None) -> str:
+    """``explicit``, else ``$KHOD_SOCKET``, else the packaged default."""
+    return explicit or os.environ.get("KHOD_SOCKET") or DEFAULT_SOCKET
+
+
+class Veto(Exception):
+    """Raise from a FINALIZE callback to veto the finalize, with a reason."""
+
+
+@dataclass(frozen=True)
+class NotifierEvent:
+    """A FINALIZE or UNFREEZE notification (answered when the callback returns)."""
+
+    name: str
+    token: int
+    generation: int
+
+
+@dataclass
+class Reply:
+    result: Any = None
+    error: KhoError | None = None
+    fds: list[int] | None = None
+
+
+class Core:
+    """Sans-I/O half of a client connection."""
+
+    def __init__(self) -> None:
+        self.decoder = Decoder(Limits(max_frame=256 << 20, max_array=1 << 22))
+        self.ids = itertools.count(1)
+        self.fds: deque[int] = deque()
+
+    def frame(self, call: Call[Any]) -> tuple[int, bytes]:
+        req_id = next(self.ids)
+        args = {k: v for k, v in call.args.items() if v is not None}
+        return req_id, encode({"id": req_id, "op": call.op, **args})
+
+    def take_fds(self, ancdata: list[tuple[int, int, bytes]]) -> None:
+        for level, kind, data in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds = array.array("i")
+                fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
+                self.fds.extend(fds)
+
+    def feed(self, data: bytes) -> list[tuple[int | None, Reply] | dict[str, Any]]:
+        """Decoded messages: (id, Reply) for replies, the raw dict for events."""
+        out: list[tuple[int | None, Reply] | dict[str, Any]] = []
+        for msg in self.decoder.feed(data):
+            if not isinstance(msg, dict):
+                continue
+            if "event" in msg:
+                out.append(msg)
+                continue
+            nfds = msg.get("nfds", 0)
+            fds = [self.fds.popleft() for _ in range(min(int(nfds or 0), len(self.fds)))]
+            if "error" in msg:
+                out.append((msg.get("id"), Reply(error=error_from_reply(msg["error"]), fds=fds)))
+            else:
+                out.append((msg.get("id"), Reply(result=msg.get("result"), fds=fds)))
+        return out
+
+    def close_fds(self) -> None:
+        while self.fds:
+            os.close(self.fds.popleft())
+
+
+def decode_reply(call: Call[Any], reply: Reply) -> Any:
+    if reply.error is not None:
+        raise reply.error
+    try:
+        return call.decode(reply.result)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise KhoError(Errno.EPROTO, f"malformed {call.op} reply: {exc!r}") from None
+
+
+def notifier_event(msg: dict[str, Any]) -> NotifierEvent | None:
+    token, gen = msg.get("token"), msg.get("generation", 0)
+    if msg.get("event") in ("finalize", "unfreeze") and isinstance(token, int):
+        return NotifierEvent(str(msg["event"]), token, int(gen) if isinstance(gen, int) else 0)
+    return None
+
+
+def map_folio(fd: int, info: RegionInfo, folio: Folio) -> memoryview:
+    """A writable view of ``folio`` through the region fd; unmapped when the view is dropped."""
+    if not (info.base <= folio.phys and folio.phys + folio.size <= info.base + info.size):
+        raise KhoError(
+            Errno.EINVAL, f"folio {folio.phys:#x} order {folio.order} is outside the region"
+        )
+    m = mmap.mmap(
+        fd,
+        folio.size,
+        flags=mmap.MAP_SHARED,
+        prot=mmap.PROT_READ | mmap.PROT_WRITE,
+        offset=info.map_offset + folio.phys - info.base,
+    )
+    return memoryview(m)
