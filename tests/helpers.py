@@ -1,0 +1,173 @@
+"""Running khod for tests: in-process (trio) and as a real subprocess."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import trio
+from khoclient import Client
+
+from khod.config import Config, from_mapping
+from khod.engine import start_engine
+from khod.log import Log
+from khod.main import engine_limits
+from khod.region import open_region
+from khod.server import Server, bind_unix
+
+BASE = 0x1_0000_0000
+
+
+def config_mapping(d: Path, **sections: dict[str, Any]) -> dict[str, Any]:
+    data: dict[str, dict[str, Any]] = {
+        "region": {"path": str(d / "region"), "size": "256M", "scratch_size": "4M"},
+        "server": {"socket": str(d / "khod.sock"), "notifier_timeout_s": 5},
+        "metrics": {"listen": ""},
+    }
+    for name, table in sections.items():
+        data.setdefault(name, {}).update(table)
+    return data
+
+
+def write_config(d: Path, name: str = "khod.toml", **sections: dict[str, Any]) -> Path:
+    lines = []
+    for section, table in config_mapping(d, **sections).items():
+        lines.append(f"[{section}]")
+        for k, v in table.items():
+            if isinstance(v, bool):
+                lines.append(f"{k} = {'true' if v else 'false'}")
+            elif isinstance(v, int | float):
+                lines.append(f"{k} = {v}")
+            else:
+                lines.append(f'{k} = "{v}"')
+    path = d / name
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@dataclass
+class Daemon:
+    """A khod subprocess."""
+
+    proc: subprocess.Popen[bytes]
+    dir: Path
+    socket: str
+    log: Path
+    extra: list[str] = field(default_factory=list)
+
+    def client(self, session: str | None = None, persistent: bool = False, **kw: Any) -> Client:
+        return Client(self.socket, session=session, persistent=persistent, **kw)
+
+    def wait(self, timeout: float = 20) -> int:
+        return self.proc.wait(timeout)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.proc.wait(timeout)
+
+    def logs(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+def start_daemon(
+    d: Path,
+    *args: str,
+    config: Path | None = None,
+    env: dict[str, str] | None = None,
+    wait_ready: bool = True,
+    timeout: float = 20,
+) -> Daemon:
+    config = config or write_config(d)
+    log = d / f"khod-{time.monotonic_ns()}.log"
+    sock = str(d / "khod.sock")
+    full_env = {k: v for k, v in os.environ.items() if k != "KHOD_FAULT"}
+    full_env.update(env or {})
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "khod", "-c", str(config), *args],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=full_env,
+        )
+    daemon = Daemon(proc, d, sock, log, list(args))
+    if wait_ready:
+        deadline = time.monotonic() + timeout
+        while "event=ready" not in daemon.logs():
+            if proc.poll() is not None:
+                break
+            if time.monotonic() > deadline:
+                proc.kill()
+                raise TimeoutError(f"khod did not become ready:\n{daemon.logs()}")
+            time.sleep(0.02)
+    return daemon
+
+
+@contextlib.contextmanager
+def daemon_running(d: Path, *args: str, **kw: Any) -> Iterator[Daemon]:
+    daemon = start_daemon(d, *args, **kw)
+    try:
+        yield daemon
+    finally:
+        if daemon.proc.poll() is None:
+            daemon.proc.kill()
+            daemon.proc.wait(10)
+
+
+@dataclass
+class InProc:
+    server: Server
+    socket: str
+    config: Config
+    log: io.StringIO
+
+
+@contextlib.asynccontextmanager
+async def inproc_daemon(d: Path, **sections: dict[str, Any]) -> AsyncIterator[InProc]:
+    """A daemon inside the test's trio loop (no signal handling, faults disabled)."""
+    cfg = from_mapping(config_mapping(d, **sections), source="test")
+    r = cfg.region
+    region = open_region(r.backend, r.path, base=r.base, size=r.size)
+    try:
+        engine, _ = start_engine(region, scratch_size=r.scratch_size, limits=engine_limits(cfg))
+        buf = io.StringIO()
+        server = Server(
+            engine, cfg, Log("debug", stream=buf), hook=lambda p: None, handle_signals=False
+        )
+        listener, _ = bind_unix(cfg.server.socket, cfg.server.socket_mode, "")
+        async with trio.open_nursery() as nursery:
+            await nursery.start(server.run, [listener])
+            try:
+                yield InProc(server, cfg.server.socket, cfg, buf)
+            finally:
+                server.request_stop("test over")
+                await server.finished.wait()
+    finally:
+        region.close()
+
+
+def sha(data: bytes | memoryview) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def pattern(tag: str, phys: int, size: int) -> bytes:
+    seed = hashlib.sha256(f"{tag}:{phys}".encode()).digest()
+    return (seed * (size // len(seed) + 1))[:size]
+
+
+def raw_connect(path: str) -> socket.socket:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(path)
+    s.settimeout(10)
+    return s
