@@ -164,3 +164,30 @@ def test_client_sees_handover_event(shm_dir: Path) -> None:
         assert got == [1]
         c.close()
         assert d.wait() == 0
+
+
+def test_blocking_client_callbacks_can_veto_and_preserve(shm_dir: Path) -> None:
+    from khoclient import NotifierEvent, Veto
+
+    with daemon_running(shm_dir) as d:
+        vmm = d.client("vmm")
+        extra = vmm.alloc_folio(1)
+        mode = ["veto"]
+        calls: list[str] = []
+
+        def on_finalize(ev: NotifierEvent) -> None:
+            calls.append(ev.name)
+            if mode[0] == "veto":
+                raise Veto("writers still running")
+            vmm.preserve_folio(extra)  # a callback may call the daemon itself
+
+        vmm.subscribe(on_finalize=on_finalize, on_unfreeze=lambda ev: calls.append(ev.name))
+        with d.client() as op:
+            with pytest.raises(KhoError, match="writers still running") as e:
+                op.finalize()
+            assert e.value.code is Errno.EBUSY
+            mode[0] = "ok"
+            assert op.finalize()["bytes"] == {"1": 2 * PAGE}
+        assert calls == ["finalize", "unfreeze", "finalize"]
+        vmm.close()
+        assert d.stop() == 0
