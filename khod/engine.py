@@ -383,6 +383,29 @@ class Engine:
         s.add_alloc(pfn, order)
         return order
 
+    def restore_folios(self, s: Session, phys: I64) -> list[int]:
+        """Restore many incoming folios at once (all or none); returns their orders."""
+        if phys.size > self.limits.max_batch:
+            raise einval(f"{phys.size} folios in one batch; at most {self.limits.max_batch}")
+        inc = self._incoming_of(s)
+        pfns = [self._pfn(int(p)) for p in phys.tolist()]
+        if len(set(pfns)) != len(pfns):
+            raise einval("restore_folios: the same folio appears twice")
+        orders = []
+        for pfn in pfns:
+            order = inc.unclaimed.find_order(pfn)
+            if order is None:
+                raise enoent(
+                    f"{pfn << PAGE_SHIFT:#x} is not the start of an unrestored folio handed "
+                    f"over for session {s.name!r}"
+                )
+            orders.append(order)
+        for pfn, order in zip(pfns, orders, strict=True):
+            self.allocator.claim(pfn, order)
+            s.add_alloc(pfn, order)
+        inc.unclaimed.unpreserve_folios(pfns, orders)
+        return orders
+
     def restore_phys(self, s: Session, phys: int, size: int) -> list[tuple[int, int]]:
         """Restore a range preserved with ``preserve_phys``; all of its folios or none."""
         inc = self._incoming_of(s)

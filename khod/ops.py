@@ -249,6 +249,16 @@ def _restore_folio(srv: Server, conn: Connection, a: Args, _: int) -> Any:
     return {"phys": phys, "order": order}
 
 
+@op("restore_folios")
+def _restore_folios(srv: Server, conn: Connection, a: Args, _: int) -> Any:
+    phys = a.u64s("phys", srv.config.limits.max_batch)
+    a.done()
+    orders = srv.engine.restore_folios(_s(conn), phys)
+    if srv.metrics is not None:
+        srv.metrics.restored(sum(4096 << o for o in orders))
+    return {"orders": orders}
+
+
 @op("restore_phys")
 def _restore_phys(srv: Server, conn: Connection, a: Args, _: int) -> Any:
     phys, size = a.u64("phys"), a.u64("size")

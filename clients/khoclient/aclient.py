@@ -33,6 +33,7 @@ from .core import (
     decode_reply,
     default_socket,
     map_folio,
+    map_range,
     notifier_event,
 )
 
@@ -234,6 +235,13 @@ class AsyncClient:
         assert self._region is not None
         return map_folio(self._region[0], self._region[1], folio)
 
+    async def map_phys(self, phys: int, size: int) -> memoryview:
+        """A writable memoryview of whole pages at ``phys`` (several adjacent folios in one map)."""
+        if self._region is None:
+            await self.region()
+        assert self._region is not None
+        return map_range(self._region[0], self._region[1], phys, size)
+
     async def subscribe(
         self, on_finalize: AsyncCallback | None = None, on_unfreeze: AsyncCallback | None = None
     ) -> list[str]:
@@ -293,6 +301,12 @@ class AsyncClient:
 
     async def restore_folio(self, phys: int) -> Folio:
         return await self.call(C.restore_folio(phys))
+
+    async def restore_folios(self, phys: Iterable[int] | np.ndarray[Any, Any]) -> list[Folio]:
+        """Restore many incoming folios in one call (all or none)."""
+        phys = list(phys.tolist() if isinstance(phys, np.ndarray) else phys)
+        orders = await self.call(C.restore_folios(phys))
+        return [Folio(int(p), o) for p, o in zip(phys, orders, strict=True)]
 
     async def restore_phys(self, phys: int, size: int) -> list[Folio]:
         return await self.call(C.restore_phys(phys, size))

@@ -177,6 +177,10 @@ def restore_folio(phys: int) -> Call[Folio]:
     return Call("restore_folio", {"phys": phys}, lambda r: Folio(int(r["phys"]), int(r["order"])))
 
 
+def restore_folios(phys: Iterable[int] | np.ndarray[Any, Any]) -> Call[list[int]]:
+    return Call("restore_folios", {"phys": _as_u64s(phys)}, lambda r: [int(o) for o in r["orders"]])
+
+
 def restore_phys(phys: int, size: int) -> Call[list[Folio]]:
     return Call("restore_phys", {"phys": phys, "size": size}, _folio_list)
 

@@ -33,6 +33,7 @@ from .core import (
     decode_reply,
     default_socket,
     map_folio,
+    map_range,
     notifier_event,
 )
 
@@ -261,6 +262,12 @@ class Client:
         assert self._region is not None
         return map_folio(fd, self._region[1], folio)
 
+    def map_phys(self, phys: int, size: int) -> memoryview:
+        """A writable memoryview of whole pages at ``phys`` (several adjacent folios in one map)."""
+        fd = self.region_fd()
+        assert self._region is not None
+        return map_range(fd, self._region[1], phys, size)
+
     def subscribe(
         self, on_finalize: Callback | None = None, on_unfreeze: Callback | None = None
     ) -> list[str]:
@@ -321,6 +328,12 @@ class Client:
 
     def restore_folio(self, phys: int) -> Folio:
         return self.call(C.restore_folio(phys))
+
+    def restore_folios(self, phys: Iterable[int] | np.ndarray[Any, Any]) -> list[Folio]:
+        """Restore many incoming folios in one call (all or none)."""
+        phys = list(phys.tolist() if isinstance(phys, np.ndarray) else phys)
+        orders = self.call(C.restore_folios(phys))
+        return [Folio(int(p), o) for p, o in zip(phys, orders, strict=True)]
 
     def restore_phys(self, phys: int, size: int) -> list[Folio]:
         return self.call(C.restore_phys(phys, size))

@@ -14,7 +14,7 @@ from typing import Any
 from khod.errors import Errno, KhoError
 from khod.protocol import Decoder, Limits, encode, error_from_reply
 
-from .calls import Call, Folio, RegionInfo
+from .calls import PAGE_SIZE, Call, Folio, RegionInfo
 
 DEFAULT_SOCKET = "/run/khod/khod.sock"
 ANCILLARY = socket.CMSG_SPACE(16 * 4)  # room for a few fds per recvmsg
@@ -106,15 +106,20 @@ def notifier_event(msg: dict[str, Any]) -> NotifierEvent | None:
 
 def map_folio(fd: int, info: RegionInfo, folio: Folio) -> memoryview:
     """A writable view of ``folio`` through the region fd; unmapped when the view is dropped."""
-    if not (info.base <= folio.phys and folio.phys + folio.size <= info.base + info.size):
-        raise KhoError(
-            Errno.EINVAL, f"folio {folio.phys:#x} order {folio.order} is outside the region"
-        )
+    return map_range(fd, info, folio.phys, folio.size)
+
+
+def map_range(fd: int, info: RegionInfo, phys: int, size: int) -> memoryview:
+    """A writable view of any page-aligned range of the region (one mmap)."""
+    if phys % PAGE_SIZE or size <= 0 or size % PAGE_SIZE:
+        raise KhoError(Errno.EINVAL, f"range {phys:#x}+{size:#x} is not whole pages")
+    if not (info.base <= phys and phys + size <= info.base + info.size):
+        raise KhoError(Errno.EINVAL, f"range {phys:#x}+{size:#x} is outside the region")
     m = mmap.mmap(
         fd,
-        folio.size,
+        size,
         flags=mmap.MAP_SHARED,
         prot=mmap.PROT_READ | mmap.PROT_WRITE,
-        offset=info.map_offset + folio.phys - info.base,
+        offset=info.map_offset + phys - info.base,
     )
     return memoryview(m)
