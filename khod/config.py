@@ -44,6 +44,7 @@ class ServerConfig:
     operator_group: str = ""
     notifier_timeout_s: float = 10.0
     handover_on_stop: bool = False
+    state_dir: str = ""
 
 
 @dataclass(frozen=True)

@@ -680,7 +680,7 @@ def start_engine(
                 f"the region's handover record is damaged ({exc.detail}); inspect it, "
                 "or start with --reset to discard it",
                 EXIT_REFUSED_HANDOVER,
-            ) from None
+            ) from exc
         rec = None
     reset_from = None
     if rec is not None and rec.state is RecordState.LIVE and rec.owner_pid != pid:

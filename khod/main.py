@@ -20,6 +20,7 @@ from khod.config import Config, ConfigError, load, override
 from khod.engine import EngineLimits, StartupRefused, start_engine
 from khod.errors import KhoError
 from khod.log import Log
+from khod.metrics import Metrics, record_rejection
 from khod.region import Region, open_region
 from khod.server import Server, bind_unix, unlink_if_ours
 from khod.tree import TreeLimits
@@ -134,7 +135,7 @@ async def serve(server: Server, cfg: Config, log: Log, extra: Any = None) -> Non
             unlink_if_ours(cfg.server.socket, identity)
 
 
-def run(argv: list[str] | None = None, *, metrics_factory: Any = None) -> int:
+def run(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         cfg = effective_config(args)
@@ -152,7 +153,7 @@ def run(argv: list[str] | None = None, *, metrics_factory: Any = None) -> int:
         log.error("region.open_failed", backend=r.backend, path=r.path, reason=exc.message)
         return EXIT_CONFIG
     try:
-        return _run_on_region(region, cfg, args, log, metrics_factory)
+        return _run_on_region(region, cfg, args, log)
     finally:
         try:
             region.flush()
@@ -160,9 +161,7 @@ def run(argv: list[str] | None = None, *, metrics_factory: Any = None) -> int:
             region.close()
 
 
-def _run_on_region(
-    region: Region, cfg: Config, args: argparse.Namespace, log: Log, metrics_factory: Any
-) -> int:
+def _run_on_region(region: Region, cfg: Config, args: argparse.Namespace, log: Log) -> int:
     try:
         engine, info = start_engine(
             region,
@@ -173,8 +172,7 @@ def _run_on_region(
         )
     except StartupRefused as exc:
         log.error("start.refused", code=str(exc.code), reason=exc.message, region=region.path)
-        if metrics_factory is not None:
-            metrics_factory.refused(exc)
+        record_rejection(cfg.server.state_dir, exc, log)
         return exc.exit_status
     except KhoError as exc:
         log.error("start.failed", code=str(exc.code), reason=exc.message)
@@ -193,9 +191,12 @@ def _run_on_region(
         populate_ms=round(info.populate_s * 1e3, 3) if info.mode == "populate" else None,
         version=__version__,
     )
-    metrics = metrics_factory.create(engine, info) if metrics_factory is not None else None
+    metrics = Metrics(
+        engine, info, listen=cfg.metrics.listen, state_dir=cfg.server.state_dir, log=log
+    )
     server = Server(engine, cfg, log, metrics=metrics)
-    extra = metrics.serve if metrics is not None and cfg.metrics.listen else None
+    metrics.server = server
+    extra = metrics.serve if cfg.metrics.listen else None
     try:
         trio.run(serve, server, cfg, log, extra)
     except KhoError as exc:

@@ -23,6 +23,7 @@ from khod.config import Config, from_mapping
 from khod.engine import start_engine
 from khod.log import Log
 from khod.main import engine_limits
+from khod.metrics import Metrics
 from khod.region import open_region
 from khod.server import Server, bind_unix
 
@@ -104,7 +105,7 @@ def start_daemon(
     daemon = Daemon(proc, d, sock, log, list(args))
     if wait_ready:
         deadline = time.monotonic() + timeout
-        while "event=ready" not in daemon.logs():
+        while not any(mark in daemon.logs() for mark in ("event=ready", '"event": "ready"')):
             if proc.poll() is not None:
                 break
             if time.monotonic() > deadline:
@@ -131,28 +132,42 @@ class InProc:
     socket: str
     config: Config
     log: io.StringIO
+    metrics: Metrics | None = None
+
+    @property
+    def metrics_url(self) -> tuple[str, int]:
+        assert self.metrics is not None
+        return self.metrics.bound
 
 
 @contextlib.asynccontextmanager
-async def inproc_daemon(d: Path, **sections: dict[str, Any]) -> AsyncIterator[InProc]:
+async def inproc_daemon(
+    d: Path, with_metrics: bool = False, **sections: dict[str, Any]
+) -> AsyncIterator[InProc]:
     """A daemon inside the test's trio loop (no signal handling, faults disabled)."""
+    if with_metrics:
+        sections.setdefault("metrics", {})["listen"] = "127.0.0.1:0"
     cfg = from_mapping(config_mapping(d, **sections), source="test")
     r = cfg.region
     region = open_region(r.backend, r.path, base=r.base, size=r.size)
     try:
-        engine, _ = start_engine(region, scratch_size=r.scratch_size, limits=engine_limits(cfg))
+        engine, info = start_engine(region, scratch_size=r.scratch_size, limits=engine_limits(cfg))
         buf = io.StringIO()
-        server = Server(
-            engine, cfg, Log("debug", stream=buf), hook=lambda p: None, handle_signals=False
-        )
+        log = Log("debug", stream=buf)
+        m = Metrics(engine, info, listen=cfg.metrics.listen, log=log) if with_metrics else None
+        server = Server(engine, cfg, log, hook=lambda p: None, handle_signals=False, metrics=m)
         listener, _ = bind_unix(cfg.server.socket, cfg.server.socket_mode, "")
         async with trio.open_nursery() as nursery:
+            if m is not None:
+                m.server = server
+                await m.serve(nursery)
             await nursery.start(server.run, [listener])
             try:
-                yield InProc(server, cfg.server.socket, cfg, buf)
+                yield InProc(server, cfg.server.socket, cfg, buf, m)
             finally:
                 server.request_stop("test over")
                 await server.finished.wait()
+                nursery.cancel_scope.cancel()
     finally:
         region.close()
 

@@ -1,0 +1,297 @@
+"""Prometheus metrics, served over HTTP from the daemon's own trio loop.
+
+One private registry per daemon. Engine state (sessions, preserved bytes,
+region use) is read at scrape time by a collector running on the trio
+thread, so it needs no locks and is never stale; request, finalize and
+notifier timings are ordinary counters and histograms the server updates.
+Labelled series are created at zero at start, so a first increment is
+visible as one.
+
+``khod_handover_rejected_total`` counts refused handovers. A refusal makes
+the daemon exit, so the counts are kept in ``server.state_dir`` (when set)
+and the next daemon to start serves them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import os
+import platform
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import trio
+from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    InfoMetricFamily,
+    Metric,
+    StateSetMetricFamily,
+)
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.registry import Collector
+
+from khod import __version__
+from khod.abi import NR_ORDERS, RECORD_VERSION
+from khod.config import parse_listen
+from khod.errors import Errno, Fault, HandoverError, KhoError
+from khod.log import Log
+from khod.ops import OPS
+
+if TYPE_CHECKING:
+    from khod.engine import Engine, StartInfo
+    from khod.server import Server
+
+STATES = ("active", "finalizing", "finalized", "populating")
+REGION_USES = ("free", "allocated", "preserved", "reserved_incoming", "scratch", "metadata")
+FINALIZE_RESULTS = ("ok", "vetoed", "timeout", "error")
+REJECTIONS_FILE = "handover-rejections.json"
+
+
+def load_rejections(state_dir: str) -> dict[str, int]:
+    counts = dict.fromkeys((str(f) for f in Fault), 0)
+    if state_dir:
+        with contextlib.suppress(OSError, ValueError, TypeError):
+            saved = json.loads((Path(state_dir) / REJECTIONS_FILE).read_text())
+            for k, v in saved.items():
+                if k in counts and isinstance(v, int) and v >= 0:
+                    counts[k] = v
+    return counts
+
+
+def record_rejection(state_dir: str, error: KhoError, log: Log) -> None:
+    """Count a refused handover where the next daemon will find it."""
+    if not state_dir or not isinstance(error.__cause__, HandoverError):
+        return
+    counts = load_rejections(state_dir)
+    counts[str(error.__cause__.fault)] += 1
+    path = Path(state_dir) / REJECTIONS_FILE
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(counts, sort_keys=True))
+        os.replace(tmp, path)
+    except OSError as exc:
+        log.warning("metrics.state_unwritable", path=str(path), reason=exc.strerror)
+
+
+class _EngineCollector(Collector):
+    def __init__(self, metrics: Metrics) -> None:
+        self.m = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        e = self.m.engine
+        state = str(e.state)
+        shown = "finalized" if state == "handed_over" else state
+        yield StateSetMetricFamily(
+            "khod_state", "Lifecycle state of the daemon", {s: s == shown for s in STATES}
+        )
+        yield GaugeMetricFamily(
+            "khod_handover_generation", "Handovers this region has been through", value=e.generation
+        )
+        yield InfoMetricFamily(
+            "khod_build",
+            "khod version and handover format version",
+            value={
+                "version": __version__,
+                "format_version": str(RECORD_VERSION),
+                "python": platform.python_version(),
+            },
+        )
+        folios = [0] * NR_ORDERS
+        for s in e.sessions.values():
+            for st in s.tracker.stats():
+                folios[st.order] += st.folios
+        pb = GaugeMetricFamily(
+            "khod_preserved_bytes",
+            "Bytes preserved for the next handover, by folio order",
+            labels=["order"],
+        )
+        pf = GaugeMetricFamily(
+            "khod_preserved_folios",
+            "Folios preserved for the next handover, by order",
+            labels=["order"],
+        )
+        for order, n in enumerate(folios):
+            pb.add_metric([str(order)], n << (order + 12))
+            pf.add_metric([str(order)], n)
+        yield pb
+        yield pf
+        yield GaugeMetricFamily("khod_sessions", "Sessions the daemon knows", value=len(e.sessions))
+        server = self.m.server
+        yield GaugeMetricFamily(
+            "khod_clients_connected",
+            "Open client connections",
+            value=len(server.conns) if server else 0,
+        )
+        region = e.status()["region"]
+        rb = GaugeMetricFamily("khod_region_bytes", "Region bytes by use", labels=["use"])
+        for use in REGION_USES:
+            rb.add_metric([use], region[use])
+        yield rb
+        yield GaugeMetricFamily(
+            "khod_incoming_unclaimed_bytes",
+            "Handed-over bytes not restored yet",
+            value=e.incoming_unclaimed_bytes(),
+        )
+        yield GaugeMetricFamily(
+            "khod_populate_duration_seconds",
+            "How long taking in the incoming handover took at start-up (0 when formatted)",
+            value=self.m.info.populate_s if self.m.info else 0.0,
+        )
+        rej = CounterMetricFamily(
+            "khod_handover_rejected", "Incoming handovers refused, by fault", labels=["reason"]
+        )
+        for reason, n in sorted(self.m.rejections.items()):
+            rej.add_metric([reason], n)
+        yield rej
+
+
+class Metrics:
+    """The daemon's registry and the calls the server makes into it."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        info: StartInfo | None,
+        *,
+        listen: str,
+        state_dir: str = "",
+        log: Log | None = None,
+    ) -> None:
+        disable_created_metrics()  # type: ignore[no-untyped-call]
+        self.engine = engine
+        self.info = info
+        self.listen = listen
+        self.log = log or Log()
+        self.server: Server | None = None
+        self.bound: tuple[str, int] = ("", 0)  # where serve() listens (port 0 picks one)
+        self.rejections = load_rejections(state_dir)
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "khod_requests", "Requests handled, by op and result code", ["op", "code"], registry=r
+        )
+        self.request_seconds = Histogram(
+            "khod_request_duration_seconds",
+            "Time to handle one request",
+            ["op"],
+            buckets=(5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 0.1, 0.25, 1, 5),
+            registry=r,
+        )
+        self.finalize_seconds = Histogram(
+            "khod_finalize_duration_seconds",
+            "Finalize from request to outcome, notifiers included",
+            buckets=(1e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+            registry=r,
+        )
+        self.finalizes = Counter(
+            "khod_finalize", "Finalize attempts by outcome", ["result"], registry=r
+        )
+        self.notifier_seconds = Histogram(
+            "khod_notifier_duration_seconds",
+            "One notifier phase, from the first event pushed to the last answer",
+            ["event"],
+            buckets=(1e-3, 1e-2, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60),
+            registry=r,
+        )
+        self.restored_bytes = Counter(
+            "khod_restored_bytes", "Incoming bytes restored to their sessions", registry=r
+        )
+        ops = [*OPS, "unknown", "invalid"]
+        for op in ops:
+            self.request_seconds.labels(op)
+            for code in ("OK", *Errno.__members__):
+                self.requests.labels(op, code)
+        for result in FINALIZE_RESULTS:
+            self.finalizes.labels(result)
+        for ev in ("finalize", "unfreeze"):
+            self.notifier_seconds.labels(ev)
+        r.register(_EngineCollector(self))
+
+    # ----------------------------------------------------------------- the server's calls
+
+    def request(self, op: str, code: str, seconds: float) -> None:
+        self.requests.labels(op, code).inc()
+        self.request_seconds.labels(op).observe(seconds)
+
+    def finalize(self, result: str, seconds: float) -> None:
+        self.finalizes.labels(result).inc()
+        self.finalize_seconds.observe(seconds)
+
+    def notifier(self, event: str, seconds: float) -> None:
+        self.notifier_seconds.labels(event).observe(seconds)
+
+    def restored(self, nbytes: int) -> None:
+        self.restored_bytes.inc(nbytes)
+
+    def exposition(self, accept: str = "") -> tuple[bytes, str]:
+        encoder, content_type = choose_encoder(accept)
+        return encoder(self.registry), content_type
+
+    # ----------------------------------------------------------------- HTTP
+
+    async def serve(self, nursery: trio.Nursery) -> None:
+        """Start the endpoint in ``nursery`` (binding errors surface here, at start-up)."""
+        want_host, want_port = parse_listen(self.listen, "metrics.listen")
+        listeners = await nursery.start(
+            functools.partial(trio.serve_tcp, self._handle, want_port, host=want_host)
+        )
+        host, port = listeners[0].socket.getsockname()[:2]
+        self.bound = (str(host), int(port))
+        self.log.info("metrics.listen", address=f"{host}:{port}")
+
+    async def _handle(self, stream: trio.SocketStream) -> None:
+        try:
+            await self._http(stream)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
+        except Exception as exc:  # a scrape never takes the daemon down
+            self.log.error("metrics.crashed", reason=repr(exc))
+        finally:
+            with contextlib.suppress(Exception):
+                await stream.aclose()
+
+    async def _http(self, stream: trio.SocketStream) -> None:
+        head = b""
+        with trio.move_on_after(5):
+            while b"\r\n\r\n" not in head and len(head) < 8192:
+                chunk = await stream.receive_some(4096)
+                if not chunk:
+                    break
+                head += chunk
+        lines = head.split(b"\r\n")
+        parts = lines[0].decode("latin-1").split()
+        headers = {}
+        for line in lines[1:]:
+            name, sep, value = line.decode("latin-1").partition(":")
+            if sep:
+                headers[name.strip().lower()] = value.strip()
+        if len(parts) != 3:
+            await self._send(stream, 400, b"bad request\n", "text/plain")
+            return
+        method, target = parts[0], parts[1].split("?", 1)[0]
+        if method not in ("GET", "HEAD"):
+            await self._send(stream, 405, b"only GET\n", "text/plain")
+            return
+        if target == "/metrics":
+            body, ctype = self.exposition(headers.get("accept", ""))
+            await self._send(stream, 200, body, ctype, head_only=method == "HEAD")
+        elif target == "/":
+            await self._send(stream, 200, b"khod: see /metrics\n", "text/plain")
+        else:
+            await self._send(stream, 404, b"not found: try /metrics\n", "text/plain")
+
+    @staticmethod
+    async def _send(
+        stream: trio.SocketStream, status: int, body: bytes, ctype: str, head_only: bool = False
+    ) -> None:
+        reason = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed"}[
+            status
+        ]
+        header = f"HTTP/1.1 {status} {reason}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+        await stream.send_all(header.encode() + (b"" if head_only else body))
