@@ -1,0 +1,164 @@
+"""systemd: the unit files verify cleanly, and khod speaks the service-manager protocols."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from khoclient import Client
+
+from .helpers import write_config
+
+ROOT = Path(__file__).resolve().parent.parent
+UNITS = ROOT / "systemd"
+ANALYZE = shutil.which("systemd-analyze")
+
+
+@pytest.mark.skipif(ANALYZE is None, reason="systemd-analyze is not installed")
+def test_units_verify_without_any_output(tmp_path: Path) -> None:
+    khod = shutil.which("khod") or str(Path(sys.executable).parent / "khod")
+    assert os.access(khod, os.X_OK), "the khod console script is not installed"
+    for name in ("khod.socket", "khod.service"):
+        text = (UNITS / name).read_text()
+        # the unit names /usr/bin/khod; point it at this install so verify can check it exists
+        (tmp_path / name).write_text(text.replace("/usr/bin/khod", khod))
+    r = subprocess.run(
+        [
+            ANALYZE or "systemd-analyze",
+            "verify",
+            "--man=no",
+            str(tmp_path / "khod.socket"),
+            str(tmp_path / "khod.service"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 0 and r.stdout == "" and r.stderr == "", r.stdout + r.stderr
+
+
+def test_unit_settings_that_matter() -> None:
+    service = (UNITS / "khod.service").read_text()
+    for line in (
+        "Type=notify",
+        "WatchdogSec=",
+        "Restart=on-failure",
+        "RestartPreventExitStatus=3 4",
+        "TimeoutStopSec=",
+        "User=khod",
+        "RuntimeDirectory=khod",
+        "StateDirectory=khod",
+        "DeviceAllow=/dev/mem rw",
+        "CapabilityBoundingSet=CAP_SYS_RAWIO",
+        "PrivateDevices=no",
+        "ProtectSystem=strict",
+    ):
+        assert f"\n{line}" in service, line
+    sock = (UNITS / "khod.socket").read_text()
+    assert "\nListenStream=/run/khod/khod.sock" in sock
+    assert "\nSocketMode=0660" in sock and "\nSocketGroup=khod" in sock
+
+
+@pytest.mark.skipif(
+    shutil.which("systemd-sysusers") is None or shutil.which("systemd-tmpfiles") is None,
+    reason="systemd-sysusers/-tmpfiles are not installed",
+)
+@pytest.mark.skipif(os.geteuid() != 0, reason="the tmpfiles snippet chowns to khod; needs root")
+def test_sysusers_and_tmpfiles_snippets_apply(tmp_path: Path) -> None:
+    (tmp_path / "etc").mkdir()
+    for f in ("passwd", "group"):
+        shutil.copy(f"/etc/{f}", tmp_path / "etc" / f)
+    r = subprocess.run(
+        ["systemd-sysusers", f"--root={tmp_path}", str(UNITS / "khod.sysusers.conf")],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0, r.stderr
+    assert any(
+        line.startswith("khod:") for line in (tmp_path / "etc" / "passwd").read_text().splitlines()
+    )
+    r = subprocess.run(
+        ["systemd-tmpfiles", f"--root={tmp_path}", "--create", str(UNITS / "khod.tmpfiles.conf")],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "dev" / "shm" / "khod").is_dir()
+
+
+def test_khod_under_a_service_manager(shm_dir: Path) -> None:
+    """Play systemd: a notify socket, a passed listening socket, a watchdog."""
+    notify_path = str(shm_dir / "notify")
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(notify_path)
+    notify.settimeout(0.2)
+    listen_path = str(shm_dir / "activated.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(listen_path)
+    listener.listen(8)
+    fd = listener.fileno()
+
+    def as_fd3() -> None:
+        if fd != 3:
+            os.dup2(fd, 3)
+
+    cfg = write_config(shm_dir)
+    env = {**os.environ, "NOTIFY_SOCKET": notify_path, "WATCHDOG_USEC": "200000"}
+    env.pop("KHOD_FAULT", None)
+    log = shm_dir / "svc.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [
+                "sh",
+                "-c",
+                f'LISTEN_PID=$$ LISTEN_FDS=1 LISTEN_FDNAMES=control WATCHDOG_PID=$$ exec "{sys.executable}" -m khod -c {cfg}',
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            pass_fds=(3,),
+            preexec_fn=as_fd3,
+        )
+    messages: list[str] = []
+
+    def collect(seconds: float) -> None:
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            with contextlib.suppress(TimeoutError):
+                messages.append(notify.recv(4096).decode())
+
+    try:
+        deadline = time.monotonic() + 20
+        while not any("READY=1" in m for m in messages) and time.monotonic() < deadline:
+            collect(0.2)
+        ready = next(m for m in messages if "READY=1" in m)
+        assert "STATUS=active" in ready
+        with Client(listen_path, timeout=20) as c:  # served on the socket systemd passed
+            c.ping()
+            with Client(listen_path, session="s") as s:
+                s.preserve_folio(s.alloc_folio(0))
+            c.finalize()
+        collect(0.8)
+        pings = sum(m == "WATCHDOG=1" for m in messages)
+        assert pings >= 3, messages  # every 0.1 s: half of WATCHDOG_USEC
+        assert any(m.startswith("STATUS=finalized") for m in messages), messages
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+        collect(0.3)
+        assert any(m.startswith("STOPPING=1") for m in messages), messages
+        assert "socket activation" in log.read_text()
+        assert not (shm_dir / "khod.sock").exists()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        notify.close()
+        listener.close()
