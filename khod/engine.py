@@ -56,7 +56,7 @@ from khod.region import Region
 from khod.serial import ScratchRange
 from khod.session import IncomingState, Session
 from khod.tracker import Tracker
-from khod.tree import Node, TreeLimits, check_node_name, split_path
+from khod.tree import Node, TreeLimits, check_node_name, descend, split_path
 
 I64 = npt.NDArray[np.int64]
 
@@ -463,15 +463,8 @@ class Engine:
             return s.tree.get_node(path)
         if which != "in":
             raise einval(f"tree must be 'in' or 'out', not {which!r}")
-        node = self._incoming_of(s).subtree
-        walked = ""
-        for part in split_path(path):
-            walked += "/" + part
-            nxt = node.children.get(part)
-            if nxt is None:
-                raise enoent(f"no node {walked} in the incoming tree of {s.name!r}")
-            node = nxt
-        return node
+        where = f" in the incoming tree of {s.name!r}"
+        return descend(self._incoming_of(s).subtree, split_path(path), where)
 
     def fdt(self, which: str) -> bytes:
         if which == "out":
@@ -646,17 +639,23 @@ class Engine:
 # ===================================================================== start-up
 
 
-def _format(region: Region, scratch_size: int) -> tuple[Allocator, ScratchRange]:
-    if scratch_size % PAGE_SIZE or not 0 < scratch_size < region.size - 2 * PAGE_SIZE:
-        raise einval(f"scratch size {scratch_size:#x} does not fit the region")
-    scratch = ScratchRange(region.base + PAGE_SIZE, scratch_size)
+def allocator_for(region: Region, scratch: ScratchRange) -> Allocator:
+    """An allocator over the region with ``scratch`` and the record page reserved."""
     alloc = Allocator(
         region.base_pfn,
         region.npages,
-        scratch=(scratch.phys >> PAGE_SHIFT, scratch_size >> PAGE_SHIFT),
+        scratch=(scratch.phys >> PAGE_SHIFT, scratch.size >> PAGE_SHIFT),
     )
     alloc.reserve_pages(region.base_pfn, 1)
-    return alloc, scratch
+    return alloc
+
+
+def layout(region: Region, scratch_size: int) -> tuple[Allocator, ScratchRange]:
+    """khod's layout for a fresh region: the record page, then scratch right after it."""
+    if scratch_size % PAGE_SIZE or not 0 < scratch_size < region.size - 2 * PAGE_SIZE:
+        raise einval(f"scratch size {scratch_size:#x} does not fit the region")
+    scratch = ScratchRange(region.base + PAGE_SIZE, scratch_size)
+    return allocator_for(region, scratch), scratch
 
 
 def start_engine(
@@ -703,7 +702,7 @@ def start_engine(
     if rec is not None and rec.state is RecordState.HANDOVER:
         reset_from = f"handover generation {rec.generation}"
     generation = rec.generation if rec is not None else 0
-    alloc, scratch = _format(region, scratch_size)
+    alloc, scratch = layout(region, scratch_size)
     write_record(region, live_record(region, scratch, generation, pid))
     engine = Engine(region, alloc, scratch, generation, limits=limits, hook=hook)
     return engine, StartInfo("format", generation, reset_from=reset_from)
@@ -728,13 +727,8 @@ def _populate(
         ) from exc
     hook("populate-validated")
     scratch = inc.scratch
-    alloc = Allocator(
-        region.base_pfn,
-        region.npages,
-        scratch=(scratch.phys >> PAGE_SHIFT, scratch.size >> PAGE_SHIFT),
-    )
+    alloc = allocator_for(region, scratch)
     alloc.set_scratch_only(True)  # nothing may land on memory still to be reserved
-    alloc.reserve_pages(region.base_pfn, 1)
     root = inc.root.tracker
     for order in root.orders:
         first, count = root.runs(order)

@@ -56,6 +56,19 @@ def split_path(path: str) -> list[str]:
     return parts
 
 
+def descend(root: Node, parts: list[str], where: str = "") -> Node:
+    """The node at ``parts`` below ``root``; ENOENT names the first missing one."""
+    node = root
+    walked = ""
+    for p in parts:
+        walked += "/" + p
+        nxt = node.children.get(p)
+        if nxt is None:
+            raise enoent(f"no node {walked}{where}")
+        node = nxt
+    return node
+
+
 def u32(value: int) -> bytes:
     return struct.pack("<I", value)
 
@@ -149,15 +162,7 @@ class Tree:
     # ----------------------------------------------------------------- lookup
 
     def _find(self, parts: list[str]) -> Node:
-        node = self.root
-        walked = ""
-        for p in parts:
-            walked += "/" + p
-            nxt = node.children.get(p)
-            if nxt is None:
-                raise enoent(f"no node {walked}")
-            node = nxt
-        return node
+        return descend(self.root, parts)
 
     def get_node(self, path: str) -> Node:
         return self._find(split_path(path))

@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, settings
 
-from khod.abi import PAGE_SHIFT
 from khod.allocator import Allocator
+from khod.engine import allocator_for as engine_allocator
+from khod.engine import layout
 from khod.region import Region, open_region
 from khod.serial import ScratchRange
 
@@ -59,13 +60,8 @@ def make_region(shm_dir: Path) -> Iterator[MakeRegion]:
 def allocator_for(
     region: Region, scratch_size: int = 4 << 20, *, scratch_at_end: bool = False
 ) -> tuple[Allocator, ScratchRange]:
-    """khod's layout: the record page reserved, scratch right after it (or at the end)."""
-    start = region.end - scratch_size if scratch_at_end else region.base + 4096
-    scratch = ScratchRange(start, scratch_size)
-    alloc = Allocator(
-        region.base_pfn,
-        region.npages,
-        scratch=(scratch.phys >> PAGE_SHIFT, scratch_size >> PAGE_SHIFT),
-    )
-    alloc.reserve_pages(region.base_pfn, 1)
-    return alloc, scratch
+    """khod's layout (record page reserved, scratch right after it), or scratch at the end."""
+    if not scratch_at_end:
+        return layout(region, scratch_size)
+    scratch = ScratchRange(region.end - scratch_size, scratch_size)
+    return engine_allocator(region, scratch), scratch
