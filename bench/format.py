@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import sys
 import tempfile
@@ -23,11 +22,12 @@ import time
 from collections.abc import Callable
 
 import numpy as np
+from report import print_figures
 
 from khod.abi import PAGE_SHIFT, PAGE_SIZE
-from khod.allocator import Allocator
+from khod.engine import layout
 from khod.region import open_region
-from khod.serial import ScratchRange, deserialize, serialize
+from khod.serial import deserialize, serialize
 from khod.tracker import Tracker
 
 BASE = 0x1_0000_0000
@@ -76,13 +76,7 @@ def main() -> int:
     path = os.path.join(tmpdir, "region")
     region = open_region("file", path, base=BASE, size=REGION)
     try:
-        scratch = ScratchRange(BASE + PAGE_SIZE, SCRATCH)
-        alloc = Allocator(
-            base_pfn,
-            REGION >> PAGE_SHIFT,
-            scratch=(scratch.phys >> PAGE_SHIFT, SCRATCH >> PAGE_SHIFT),
-        )
-        alloc.reserve_pages(base_pfn, 1)
+        alloc, scratch = layout(region, SCRATCH)
         for order in tracker.orders:  # the clients own these folios
             first, count = tracker.runs(order)
             alloc.reserve_runs(first, count << order)
@@ -139,22 +133,12 @@ def main() -> int:
         "deserialize_ms": ("<=", 150),
         "tracker_to_bitmap_ratio": ("<=", 3),
     }
-    print(f"khod format benchmark: {ORDER0:,} order-0 + {ORDER9:,} order-9 folios")
-    print(f"(best of {args.repeat} runs each)")
-    print(f"{'figure':32} {'value':>16}  target")
-    for key, value in figures.items():
-        t = targets.get(key)
-        mark = ""
-        if t:
-            ok = value >= t[1] if t[0] == ">=" else value <= t[1]
-            mark = f"{t[0]} {t[1]:,}  {'ok' if ok else 'MISSED'}"
-        print(
-            f"{key:32} {value:>16,}  {mark}"
-            if isinstance(value, int)
-            else f"{key:32} {value:>16}  {mark}"
-        )
-    if args.json:
-        print(json.dumps(figures))
+    print_figures(
+        f"khod format benchmark: {ORDER0:,} order-0 + {ORDER9:,} order-9 folios, best of {args.repeat} runs each",
+        figures,
+        targets,
+        args.json,
+    )
     return 0
 
 

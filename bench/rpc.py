@@ -18,7 +18,6 @@ In one run, on this machine:
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing as mp
 import os
 import shutil
@@ -33,6 +32,7 @@ from typing import Any
 import numpy as np
 from khoclient import Client, KhoError
 from khoclient import calls as C
+from report import print_figures
 
 HERE = Path(__file__).resolve().parent
 GIB = 1 << 30
@@ -217,18 +217,12 @@ def main() -> int:
         "finalize_ms": ("<=", 250),
         "successor_first_restore_ms": ("<=", 1500),
     }
-    print("khod rpc benchmark (floor: bench/echo.py on the same kind of socket)")
-    print(f"{'figure':40} {'value':>16}  target")
-    for key, value in fig.items():
-        t = targets.get(key)
-        mark = ""
-        if t:
-            ok = value >= t[1] if t[0] == ">=" else value <= t[1]
-            mark = f"{t[0]} {t[1]:,}  {'ok' if ok else 'MISSED'}"
-        shown = f"{value:,}" if isinstance(value, int) else str(value)
-        print(f"{key:40} {shown:>16}  {mark}")
-    if args.json:
-        print(json.dumps(fig))
+    print_figures(
+        "khod rpc benchmark (floor: bench/echo.py on the same kind of socket)",
+        fig,
+        targets,
+        args.json,
+    )
     return 0
 
 
