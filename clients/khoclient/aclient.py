@@ -30,10 +30,7 @@ from .core import (
     NotifierEvent,
     Reply,
     Veto,
-    decode_reply,
     default_socket,
-    map_folio,
-    map_range,
     notifier_event,
 )
 
@@ -64,7 +61,6 @@ class AsyncClient:
         self._lock = trio.StrictFIFOLock()
         self._pending: dict[int, _Waiter] = {}
         self._callbacks: dict[str, AsyncCallback] = {}
-        self._region: tuple[int, RegionInfo] | None = None
         self._nursery_cm: Any = None
         self._nursery: trio.Nursery | None = None
         self._closed_reason: str | None = None
@@ -111,9 +107,6 @@ class AsyncClient:
                 if self._sock is not None:
                     self._sock.close()
                     self._sock = None
-                if self._region is not None:
-                    os.close(self._region[0])
-                    self._region = None
                 self._core.close_fds()
 
     def _in_nursery(self) -> bool:
@@ -132,12 +125,10 @@ class AsyncClient:
         try:
             while True:
                 data, anc, flags, _ = await self._sock.recvmsg(1 << 16, ANCILLARY, RECV_FLAGS)
-                self._core.take_fds(anc)
-                if flags & socket.MSG_CTRUNC:
-                    raise KhoError(Errno.EPROTO, "file descriptors were truncated in transit")
+                items = self._core.ingest(data, anc, flags)
                 if not data:
                     break
-                for item in self._core.feed(data):
+                for item in items:
                     if isinstance(item, dict):
                         self._on_event(item)
                         continue
@@ -204,20 +195,8 @@ class AsyncClient:
             raise KhoError(Errno.EPROTO, f"sending {call.op} failed: {exc}") from None
         await waiter.done.wait()
         assert waiter.reply is not None
-        fds = waiter.reply.fds or []
-        if call.op == "region" and fds and waiter.reply.error is None:
-            for fd in fds[1:]:
-                os.close(fd)
-            info = decode_reply(call, waiter.reply)
-            if self._region is not None:
-                os.close(self._region[0])
-            self._region = (fds[0], info)
-            result: T = info
-            return result
-        for fd in fds:
-            os.close(fd)
-        out: T = decode_reply(call, waiter.reply)
-        return out
+        result: T = self._core.finish(call, waiter.reply)
+        return result
 
     # ----------------------------------------------------------------- session and region
 
@@ -230,17 +209,14 @@ class AsyncClient:
         return await self.call(C.region())
 
     async def map(self, folio: Folio) -> memoryview:
-        if self._region is None:
-            await self.region()
-        assert self._region is not None
-        return map_folio(self._region[0], self._region[1], folio)
+        """A writable memoryview of the folio's bytes, mapped from the region fd (no copy)."""
+        return await self.map_phys(folio.phys, folio.size)
 
     async def map_phys(self, phys: int, size: int) -> memoryview:
         """A writable memoryview of whole pages at ``phys`` (several adjacent folios in one map)."""
-        if self._region is None:
+        if self._core.region is None:
             await self.region()
-        assert self._region is not None
-        return map_range(self._region[0], self._region[1], phys, size)
+        return self._core.map(phys, size)
 
     async def subscribe(
         self, on_finalize: AsyncCallback | None = None, on_unfreeze: AsyncCallback | None = None

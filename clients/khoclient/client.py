@@ -30,10 +30,7 @@ from .core import (
     NotifierEvent,
     Reply,
     Veto,
-    decode_reply,
     default_socket,
-    map_folio,
-    map_range,
     notifier_event,
 )
 
@@ -82,7 +79,6 @@ class Client:
         self._close_reason = "connection closed"
         self._callbacks: dict[str, Callback] = {}
         self._events: queue.Queue[NotifierEvent | None] = queue.Queue()
-        self._region: tuple[int, RegionInfo] | None = None
         self._reader = threading.Thread(
             target=self._read_loop, name="khoclient-reader", daemon=True
         )
@@ -106,12 +102,10 @@ class Client:
         try:
             while True:
                 data, anc, flags, _ = self._sock.recvmsg(1 << 16, ANCILLARY, RECV_FLAGS)
-                self._core.take_fds(anc)
-                if flags & socket.MSG_CTRUNC:
-                    raise KhoError(Errno.EPROTO, "file descriptors were truncated in transit")
+                items = self._core.ingest(data, anc, flags)
                 if not data:
                     break
-                for item in self._core.feed(data):
+                for item in items:
                     if isinstance(item, dict):
                         self._on_event(item)
                         continue
@@ -201,23 +195,8 @@ class Client:
                 self._pending.pop(req_id, None)
             raise KhoError(Errno.ETIMEDOUT, f"no reply to {call.op} within {limit} s")
         assert waiter.reply is not None
-        if call.op == "region" and waiter.reply.fds:
-            return self._keep_region(call, waiter.reply)
-        for fd in waiter.reply.fds or []:
-            os.close(fd)
-        result: T = decode_reply(call, waiter.reply)
+        result: T = self._core.finish(call, waiter.reply)
         return result
-
-    def _keep_region(self, call: Call[T], reply: Reply) -> T:
-        fds = reply.fds or []
-        for fd in fds[1:]:
-            os.close(fd)
-        info: T = decode_reply(call, reply)
-        if self._region is not None:
-            os.close(self._region[0])
-        assert isinstance(info, RegionInfo)
-        self._region = (fds[0], info)
-        return info
 
     def close(self) -> None:
         if self._sock.fileno() != -1:
@@ -228,9 +207,6 @@ class Client:
         if threading.current_thread() is not self._dispatcher:
             self._dispatcher.join(timeout=5)
         self._sock.close()
-        if self._region is not None:
-            os.close(self._region[0])
-            self._region = None
         self._core.close_fds()
 
     def __enter__(self) -> Client:
@@ -251,22 +227,19 @@ class Client:
 
     def region_fd(self) -> int:
         """The passed region fd (fetched on first use; owned by the client)."""
-        if self._region is None:
+        if self._core.region is None:
             self.region()
-        assert self._region is not None
-        return self._region[0]
+        assert self._core.region is not None
+        return self._core.region[0]
 
     def map(self, folio: Folio) -> memoryview:
         """A writable memoryview of the folio's bytes, mapped from the region fd (no copy)."""
-        fd = self.region_fd()
-        assert self._region is not None
-        return map_folio(fd, self._region[1], folio)
+        return self.map_phys(folio.phys, folio.size)
 
     def map_phys(self, phys: int, size: int) -> memoryview:
         """A writable memoryview of whole pages at ``phys`` (several adjacent folios in one map)."""
-        fd = self.region_fd()
-        assert self._region is not None
-        return map_range(fd, self._region[1], phys, size)
+        self.region_fd()
+        return self._core.map(phys, size)
 
     def subscribe(
         self, on_finalize: Callback | None = None, on_unfreeze: Callback | None = None

@@ -14,7 +14,7 @@ from typing import Any
 from khod.errors import Errno, KhoError
 from khod.protocol import Decoder, Limits, encode, error_from_reply
 
-from .calls import PAGE_SIZE, Call, Folio, RegionInfo
+from .calls import PAGE_SIZE, Call, RegionInfo
 
 DEFAULT_SOCKET = "/run/khod/khod.sock"
 ANCILLARY = socket.CMSG_SPACE(16 * 4)  # room for a few fds per recvmsg
@@ -53,6 +53,7 @@ class Core:
         self.decoder = Decoder(Limits(max_frame=256 << 20, max_array=1 << 22))
         self.ids = itertools.count(1)
         self.fds: deque[int] = deque()
+        self.region: tuple[int, RegionInfo] | None = None  # the passed region fd and geometry
 
     def frame(self, call: Call[Any]) -> tuple[int, bytes]:
         req_id = next(self.ids)
@@ -83,9 +84,41 @@ class Core:
                 out.append((msg.get("id"), Reply(result=msg.get("result"), fds=fds)))
         return out
 
+    def ingest(
+        self, data: bytes, ancdata: list[tuple[int, int, bytes]], flags: int
+    ) -> list[tuple[int | None, Reply] | dict[str, Any]]:
+        """One ``recvmsg`` result in: fds to the FIFO, then the decoded messages."""
+        self.take_fds(ancdata)
+        if flags & socket.MSG_CTRUNC:
+            raise KhoError(Errno.EPROTO, "file descriptors were truncated in transit")
+        return self.feed(data)
+
+    def finish(self, call: Call[Any], reply: Reply) -> Any:
+        """The result of ``call``: keeps a passed region fd, closes any other fd."""
+        fds = reply.fds or []
+        if call.op == "region" and fds and reply.error is None:
+            info = decode_reply(call, reply)
+            for fd in fds[1:]:
+                os.close(fd)
+            if self.region is not None:
+                os.close(self.region[0])
+            self.region = (fds[0], info)
+            return info
+        for fd in fds:
+            os.close(fd)
+        return decode_reply(call, reply)
+
+    def map(self, phys: int, size: int) -> memoryview:
+        if self.region is None:
+            raise KhoError(Errno.EINVAL, "no region fd yet: call region() first")
+        return map_range(self.region[0], self.region[1], phys, size)
+
     def close_fds(self) -> None:
         while self.fds:
             os.close(self.fds.popleft())
+        if self.region is not None:
+            os.close(self.region[0])
+            self.region = None
 
 
 def decode_reply(call: Call[Any], reply: Reply) -> Any:
@@ -102,11 +135,6 @@ def notifier_event(msg: dict[str, Any]) -> NotifierEvent | None:
     if msg.get("event") in ("finalize", "unfreeze") and isinstance(token, int):
         return NotifierEvent(str(msg["event"]), token, int(gen) if isinstance(gen, int) else 0)
     return None
-
-
-def map_folio(fd: int, info: RegionInfo, folio: Folio) -> memoryview:
-    """A writable view of ``folio`` through the region fd; unmapped when the view is dropped."""
-    return map_range(fd, info, folio.phys, folio.size)
 
 
 def map_range(fd: int, info: RegionInfo, phys: int, size: int) -> memoryview:
