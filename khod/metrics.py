@@ -199,6 +199,7 @@ class Metrics:
             buckets=(1e-3, 1e-2, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60),
             registry=r,
         )
+        self._request_children: dict[tuple[str, str], tuple[Counter, Histogram]] = {}
         self.restored_bytes = Counter(
             "khod_restored_bytes", "Incoming bytes restored to their sessions", registry=r
         )
@@ -216,8 +217,15 @@ class Metrics:
     # ----------------------------------------------------------------- the server's calls
 
     def request(self, op: str, code: str, seconds: float) -> None:
-        self.requests.labels(op, code).inc()
-        self.request_seconds.labels(op).observe(seconds)
+        # labels() costs a lock and a dict lookup per call: keep the children (op and
+        # code are closed sets, so this cache is bounded)
+        key = (op, code)
+        children = self._request_children.get(key)
+        if children is None:
+            children = (self.requests.labels(op, code), self.request_seconds.labels(op))
+            self._request_children[key] = children
+        children[0].inc()
+        children[1].observe(seconds)
 
     def finalize(self, result: str, seconds: float) -> None:
         self.finalizes.labels(result).inc()
