@@ -27,7 +27,8 @@ demo: $(STAMP)
 	$(PY) -m khoexamples.demo
 
 bench: $(STAMP)
-	$(PY) bench/format.py
+	$(PY) bench/format.py --json
+	$(PY) bench/rpc.py --json
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache .hypothesis
