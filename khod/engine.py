@@ -48,6 +48,7 @@ from khod.handover import (
     SessionImage,
     commit,
     live_record,
+    no_hook,
     read_handover,
     read_record,
     write_record,
@@ -89,10 +90,6 @@ EXIT_REFUSED_HANDOVER = 3  # the incoming handover failed validation
 EXIT_REGION_BUSY = 4  # the region is live (owned by a running or crashed daemon)
 
 
-def _no_hook(point: str) -> None:
-    return None
-
-
 def pid_alive(pid: int) -> bool:
     if pid <= 0:
         return False
@@ -128,7 +125,7 @@ class Engine:
         limits: EngineLimits | None = None,
         incoming: dict[str, IncomingState] | None = None,
         incoming_fdt: bytes | None = None,
-        hook: Hook = _no_hook,
+        hook: Hook = no_hook,
     ) -> None:
         self.region = region
         self.allocator = allocator
@@ -574,31 +571,34 @@ class Engine:
     def incoming_unclaimed_bytes(self) -> int:
         return sum(inc.unclaimed.total_bytes() for inc in self.incoming.values())
 
-    def status(self) -> dict[str, Any]:
+    def region_usage(self) -> dict[str, Any]:
+        """Region geometry and bytes by use (what status and the metrics report)."""
         u = self.allocator.usage()
         meta = 0
         if self.committed is not None:
             c = self.committed
             meta = (c.metadata_pages + (1 << c.fdt_block[1])) * PAGE_SIZE
-        preserved = sum(s.tracker.total_bytes() for s in self.sessions.values())
+        return {
+            "backend": self.region.backend,
+            "path": self.region.path,
+            "base": self.region.base,
+            "size": self.region.size,
+            "free": u.free,
+            "allocated": u.allocated - meta,
+            "preserved": sum(s.tracker.total_bytes() for s in self.sessions.values()),
+            "metadata": meta,
+            "reserved_incoming": u.reserved - PAGE_SIZE,
+            "reserved": u.reserved,
+            "scratch": u.scratch,
+            "scratch_free": u.scratch_free,
+        }
+
+    def status(self) -> dict[str, Any]:
         return {
             "state": str(self.state),
             "generation": self.generation,
             "pid": os.getpid(),
-            "region": {
-                "backend": self.region.backend,
-                "path": self.region.path,
-                "base": self.region.base,
-                "size": self.region.size,
-                "free": u.free,
-                "allocated": u.allocated - meta,
-                "preserved": preserved,
-                "metadata": meta,
-                "reserved_incoming": u.reserved - PAGE_SIZE,
-                "reserved": u.reserved,
-                "scratch": u.scratch,
-                "scratch_free": u.scratch_free,
-            },
+            "region": self.region_usage(),
             "sessions": [
                 self.session_info(s) for s in sorted(self.sessions.values(), key=lambda s: s.name)
             ],
@@ -664,7 +664,7 @@ def start_engine(
     scratch_size: int,
     reset: bool = False,
     limits: EngineLimits | None = None,
-    hook: Hook = _no_hook,
+    hook: Hook = no_hook,
     alive: Callable[[int], bool] = pid_alive,
     pid: int | None = None,
 ) -> tuple[Engine, StartInfo]:

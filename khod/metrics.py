@@ -128,7 +128,7 @@ class _EngineCollector(Collector):
             "Open client connections",
             value=len(server.conns) if server else 0,
         )
-        region = e.status()["region"]
+        region = e.region_usage()
         rb = GaugeMetricFamily("khod_region_bytes", "Region bytes by use", labels=["use"])
         for use in REGION_USES:
             rb.add_metric([use], region[use])
