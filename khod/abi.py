@@ -288,11 +288,3 @@ def decode_record(buf: bytes | memoryview) -> HandoverRecord:
         generation=gen,
         version=version,
     )
-
-
-def crc32_of(parts: Iterable[bytes | memoryview]) -> int:
-    """CRC32 over ``parts`` in order, as if concatenated."""
-    crc = 0
-    for p in parts:
-        crc = zlib.crc32(p, crc)
-    return crc

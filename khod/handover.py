@@ -54,7 +54,7 @@ MAX_FDT_BYTES = 64 << 20
 Hook = Callable[[str], None]
 
 
-def _no_hook(point: str) -> None:
+def no_hook(point: str) -> None:
     return None
 
 
@@ -175,7 +175,7 @@ def commit(
     generation: int,
     sessions: list[SessionImage],
     *,
-    hook: Hook = _no_hook,
+    hook: Hook = no_hook,
 ) -> Committed:
     """Serialize everything, write the FDT, flush, then commit the record.
 
@@ -320,7 +320,7 @@ def read_handover(
     record: HandoverRecord,
     *,
     limits: TreeLimits | None = None,
-    hook: Hook = _no_hook,
+    hook: Hook = no_hook,
 ) -> Incoming:
     """Validate and decode a committed handover; nothing is reserved here."""
     if record.state is not RecordState.HANDOVER:

@@ -119,9 +119,6 @@ class Region:
         off = self.offset(phys, mv.nbytes)
         self._view_all()[off : off + mv.nbytes] = mv
 
-    def zero(self, phys: int, length: int) -> None:
-        self.write(phys, bytes(length))
-
     def array(self) -> npt.NDArray[np.uint8]:
         """The whole region as a uint8 array (for vectorized gathers)."""
         if self._np is None:

@@ -759,9 +759,6 @@ class Tracker:
 
     __hash__ = None  # type: ignore[assignment]
 
-    def copy(self) -> Tracker:
-        return Tracker.from_bitmaps({o: self.bitmaps(o) for o in self.orders})
-
 
 class _BatchDuplicate(Exception):
     """A batch names one folio twice; callers turn it into their own code."""
