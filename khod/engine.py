@@ -53,6 +53,7 @@ from khod.handover import (
     read_record,
     write_record,
 )
+from khod.pids import pid_alive
 from khod.region import Region
 from khod.serial import ScratchRange
 from khod.session import IncomingState, Session
@@ -88,18 +89,6 @@ class StartupRefused(KhoError):
 
 EXIT_REFUSED_HANDOVER = 3  # the incoming handover failed validation
 EXIT_REGION_BUSY = 4  # the region is live (owned by a running or crashed daemon)
-
-
-def pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 @dataclass

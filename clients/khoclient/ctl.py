@@ -22,9 +22,9 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any, TextIO
 
-from khod.engine import pid_alive
 from khod.errors import KhoError
 from khod.inspect import Report, inspect_region
+from khod.pids import pid_alive
 
 from .client import Client
 from .core import default_socket
