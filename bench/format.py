@@ -24,11 +24,11 @@ from collections.abc import Callable
 import numpy as np
 from report import print_figures
 
-from khod.abi import PAGE_SHIFT, PAGE_SIZE
 from khod.engine import layout
+from khod.kho.chunklist import deserialize, serialize
+from khod.kho.tracker import Tracker
+from khod.pages import PAGE_SHIFT, PAGE_SIZE
 from khod.region import open_region
-from khod.serial import deserialize, serialize
-from khod.tracker import Tracker
 
 BASE = 0x1_0000_0000
 REGION = 96 << 30

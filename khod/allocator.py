@@ -23,8 +23,8 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from khod.abi import MAX_ORDER, NR_ORDERS, PAGE_SHIFT, check_order, split_range
 from khod.errors import ebusy, einval, enomem
+from khod.pages import MAX_ORDER, NR_ORDERS, PAGE_SHIFT, check_order, split_range
 
 
 class _Pool:

@@ -12,8 +12,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from khod.abi import MAX_ORDER
 from khod.errors import KhoError, einval
+from khod.pages import MAX_ORDER
 
 U64_LIMIT = 1 << 64
 

@@ -15,8 +15,8 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from khod.abi import PAGE_SIZE
 from khod.errors import Errno, KhoError
+from khod.pages import PAGE_SIZE
 
 DEFAULT_CONFIG_PATH = "/etc/khod/khod.toml"
 DEFAULT_SOCKET = "/run/khod/khod.sock"

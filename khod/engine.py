@@ -1,75 +1,47 @@
-"""The engine: sessions, operations and the lifecycle state machine (DESIGN §4, §5).
+"""The engine: sessions, their memory, preservation and restore (docs/design.md §3).
 
-Plain Python, no sockets or threads: the server calls these methods with the
-caller's session and turns results and :class:`KhoError` into replies. The
-parts that wait -- notifier round trips and the freeze lock -- live in the
-server; the engine only moves between states:
+Plain Python over the region, the allocator and the format core, with no
+sockets or waiting: the request handlers call these methods with the
+caller's session and turn results and :class:`KhoError` into replies.
 
-    POPULATING -> ACTIVE -> FINALIZING -> FINALIZED -> HANDED_OVER
-                    ^            |             |
-                    +-- abort ---+-- unfreeze -+
-
-Start-up (:func:`start_engine`) formats a fresh region or populates from a
-committed handover: validate everything, reserve every incoming folio while
-only scratch may be allocated, and keep each session's unclaimed folios and
-subtree until it restores them, an operator releases them, or the next
-finalize carries them forward.
+The engine owns two facts that the lifecycle (:mod:`khod.lifecycle`) sets
+and nobody else: ``held`` -- a handover is being prepared or is committed,
+so sessions are kept even when their last connection closes -- and
+``frozen`` -- preservation and tree edits are refused. :meth:`_editable` is
+the one place that refuses an edit after the freeze. Every method runs to
+completion on the event loop thread, so no edit can be half-done when the
+lifecycle freezes.
 """
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
-from enum import StrEnum
-from typing import Any
+from dataclasses import dataclass, field
 
 import numpy as np
-import numpy.typing as npt
 
-from khod.abi import PAGE_SHIFT, PAGE_SIZE, RecordState, split_range
 from khod.allocator import Allocator
-from khod.errors import (
-    Errno,
-    HandoverError,
-    KhoError,
-    ebusy,
-    eexist,
-    einval,
-    enoent,
-    enomem,
-    eperm,
-)
-from khod.handover import (
-    ROOT_NODES,
-    Committed,
-    Hook,
-    SessionImage,
-    commit,
-    live_record,
-    no_hook,
-    read_handover,
-    read_record,
-    write_record,
-)
-from khod.pids import pid_alive
+from khod.errors import Errno, KhoError, ebusy, einval, enoent, enomem, eperm
+from khod.kho.handover import ROOT_NODES, Committed, Hook, SessionImage, commit, no_hook
+from khod.kho.memory import ScratchRange
+from khod.kho.record import RecordState, live_record, write_record
+from khod.kho.tracker import Tracker
+from khod.kho.tree import Node, TreeLimits, check_node_name, descend, split_path
+from khod.pages import I64, NR_ORDERS, PAGE_SHIFT, PAGE_SIZE, folio_bytes, split_range
 from khod.region import Region
-from khod.serial import ScratchRange
+from khod.results import (
+    CommitSummary,
+    IncomingInfo,
+    IncomingSessionInfo,
+    NodeListing,
+    OrderCount,
+    RegionUsage,
+    ReleaseResult,
+    SessionBytes,
+    SessionInfo,
+)
 from khod.session import IncomingState, Session
-from khod.tracker import Tracker
-from khod.tree import Node, TreeLimits, check_node_name, descend, split_path
-
-I64 = npt.NDArray[np.int64]
-
-
-class State(StrEnum):
-    POPULATING = "populating"
-    ACTIVE = "active"
-    FINALIZING = "finalizing"
-    FINALIZED = "finalized"
-    HANDED_OVER = "handed_over"
-    STOPPED = "stopped"
 
 
 @dataclass(frozen=True)
@@ -77,30 +49,6 @@ class EngineLimits:
     max_sessions: int = 1024
     max_batch: int = 1 << 20
     tree: TreeLimits = field(default_factory=TreeLimits)
-
-
-class StartupRefused(KhoError):
-    """The daemon must not start on this region (a live owner, a bad handover)."""
-
-    def __init__(self, code: Errno, message: str, exit_status: int) -> None:
-        super().__init__(code, message)
-        self.exit_status = exit_status
-
-
-EXIT_REFUSED_HANDOVER = 3  # the incoming handover failed validation
-EXIT_REGION_BUSY = 4  # the region is live (owned by a running or crashed daemon)
-
-
-@dataclass
-class StartInfo:
-    """How the engine came up, for logs and metrics."""
-
-    mode: str  # "format" or "populate"
-    generation: int
-    populate_s: float = 0.0
-    incoming_sessions: int = 0
-    incoming_bytes: int = 0
-    reset_from: str | None = None
 
 
 class Engine:
@@ -111,6 +59,7 @@ class Engine:
         scratch: ScratchRange,
         generation: int,
         *,
+        pid: int,
         limits: EngineLimits | None = None,
         incoming: dict[str, IncomingState] | None = None,
         incoming_fdt: bytes | None = None,
@@ -120,44 +69,50 @@ class Engine:
         self.allocator = allocator
         self.scratch = scratch
         self.generation = generation
+        self.pid = pid  # the owner the region's live record names
         self.limits = limits or EngineLimits()
         self.sessions: dict[str, Session] = {}
         self.incoming: dict[str, IncomingState] = incoming or {}
         self.incoming_fdt = incoming_fdt
         self.hook = hook
-        self.state = State.ACTIVE
+        self.held = False
+        self.frozen = False
         self.committed: Committed | None = None
-        self.last_finalize: dict[str, Any] | None = None
 
     # ================================================================= sessions
 
-    def hello(self, uid: int, name: str, persistent: bool) -> tuple[Session, bool]:
-        """Create or reattach session ``name`` for ``uid``; returns (session, created)."""
+    def hello(self, uid: int, name: str, persistent: bool, key: int) -> tuple[Session, bool]:
+        """Create or reattach session ``name`` for ``uid`` on connection ``key``.
+
+        Returns the session and whether it was created.
+        """
         check_node_name(name)
         if "@" in name or name in ROOT_NODES:
             raise einval(f"session name {name!r} is reserved or not allowed")
         s = self.sessions.get(name)
+        created = s is None
         if s is not None:
             if s.uid != uid and uid != 0:  # root may act for anyone
                 raise eperm(f"session {name!r} belongs to another user")
             s.persistent = persistent
-            return s, False
-        inc = self.incoming.get(name)
-        if inc is not None and inc.uid != uid and uid != 0:
-            raise eperm(f"session {name!r} was handed over for another user")
-        if len(self.sessions) >= self.limits.max_sessions:
-            raise enomem(f"{self.limits.max_sessions} sessions exist; no room for {name!r}")
-        s = Session(name, inc.uid if inc is not None else uid, persistent, self.limits.tree)
-        if inc is not None:
-            inc.claimed = True
-            s.incoming = inc
-        self.sessions[name] = s
-        return s, True
+        else:
+            inc = self.incoming.get(name)
+            if inc is not None and inc.uid != uid and uid != 0:
+                raise eperm(f"session {name!r} was handed over for another user")
+            if len(self.sessions) >= self.limits.max_sessions:
+                raise enomem(f"{self.limits.max_sessions} sessions exist; no room for {name!r}")
+            s = Session(name, inc.uid if inc is not None else uid, persistent, self.limits.tree)
+            if inc is not None:
+                inc.claimed = True
+                s.incoming = inc
+            self.sessions[name] = s
+        s.connections.add(key)
+        return s, created
 
-    def detach(self, s: Session, conn_id: int) -> bool:
-        """A connection of ``s`` closed; returns True if the session was discarded."""
-        s.connections.discard(conn_id)
-        if not s.connections and not s.persistent and self.state is State.ACTIVE:
+    def detach(self, s: Session, key: int) -> bool:
+        """Connection ``key`` of ``s`` closed; returns True if the session was discarded."""
+        s.connections.discard(key)
+        if not s.connections and not s.persistent and not self.held:
             self.discard(s)
             return True
         return False
@@ -173,13 +128,18 @@ class Engine:
         self.sessions.pop(s.name, None)
 
     def sweep(self) -> list[str]:
-        """Discard non-persistent sessions left without a connection (back in ACTIVE)."""
+        """Discard non-persistent sessions left without a connection; returns their names."""
         gone = [s for s in self.sessions.values() if not s.connections and not s.persistent]
         for s in gone:
             self.discard(s)
         return [s.name for s in gone]
 
-    # ================================================================= helpers
+    # ================================================================= checks
+
+    def _editable(self, what: str) -> None:
+        """The freeze: after it, nothing that goes into the handover may change."""
+        if self.frozen:
+            raise ebusy(f"{what} is frozen for finalize; try again after unfreeze")
 
     def _pfn(self, phys: int, npages: int = 1, what: str = "phys") -> int:
         if phys % PAGE_SIZE:
@@ -192,16 +152,40 @@ class Engine:
             )
         return pfn
 
-    def _size_pages(self, size: int) -> int:
+    def _split(self, phys: int, size: int) -> list[tuple[int, int]]:
+        """A page-aligned range inside the region as folios (docs/format.md §5)."""
         if size <= 0 or size % PAGE_SIZE:
             raise einval(f"size {size:#x} is not a positive multiple of the page size")
-        return size >> PAGE_SHIFT
+        npages = size >> PAGE_SHIFT
+        return split_range(self._pfn(phys, npages), npages)
 
-    def _preservable(self) -> None:
-        if self.state in (State.FINALIZED, State.HANDED_OVER):
-            raise ebusy("preservation is frozen (finalized); unfreeze first")
-        if self.state is not State.ACTIVE and self.state is not State.FINALIZING:
-            raise ebusy(f"the daemon is {self.state}")
+    def _batch_pfns(self, phys: I64) -> I64:
+        """pfns of a batch: within the size limit, page-aligned, not below the region."""
+        if phys.size > self.limits.max_batch:
+            raise einval(f"{phys.size} folios in one batch; at most {self.limits.max_batch}")
+        if phys.size and (np.any(phys % PAGE_SIZE) or phys.min() < self.region.base):
+            bad = phys[(phys % PAGE_SIZE != 0) | (phys < self.region.base)][0]
+            raise einval(f"phys {int(bad):#x} is misaligned or outside the region")
+        return phys >> PAGE_SHIFT
+
+    def _batch_orders(
+        self,
+        pfns: I64,
+        orders: int | I64 | None,
+        lookup: Callable[[int], int | None],
+        missing: tuple[Errno, str],
+    ) -> int | I64:
+        """The batch's orders: as given, or looked up per folio (``missing``: code and what)."""
+        if orders is None:
+            found = [lookup(p) for p in pfns.tolist()]
+            if None in found:
+                p = int(pfns[found.index(None)]) << PAGE_SHIFT
+                raise KhoError(missing[0], f"{p:#x} is not {missing[1]}: give the order")
+            orders = np.asarray(found, dtype=np.int64)
+        npages = np.int64(1) << (orders if isinstance(orders, np.ndarray) else np.int64(orders))
+        if pfns.size and int((pfns + npages).max()) > (self.region.end >> PAGE_SHIFT):
+            raise einval("a folio of the batch runs past the end of the region")
+        return orders
 
     def _not_owned(self, s: Session, pfn: int, order: int) -> KhoError:
         return eperm(
@@ -228,33 +212,34 @@ class Engine:
             s.add_alloc(pfn, order)
         return [p << PAGE_SHIFT for p in got]
 
-    def _check_free(self, s: Session, phys: int) -> tuple[int, int]:
+    def _freeable(self, s: Session, phys: int) -> int:
+        """The pfn of ``s``'s allocation at ``phys``, if it may be freed now."""
         pfn = self._pfn(phys)
         order = s.allocs.get(pfn)
         if order is None:
             raise enoent(f"session {s.name!r} has no allocation starting at {phys:#x}")
         if s.tracker.intersects(pfn, 1 << order):
             raise ebusy(f"folio {phys:#x} order {order} holds preserved memory; unpreserve first")
-        return pfn, order
+        return pfn
 
     def free_folio(self, s: Session, phys: int) -> None:
-        pfn, _ = self._check_free(s, phys)
+        pfn = self._freeable(s, phys)
         self.allocator.free(pfn)
         s.drop_alloc(pfn)
 
     def free_folios(self, s: Session, phys: I64) -> int:
-        checked = [self._check_free(s, int(p)) for p in phys.tolist()]
-        if len({p for p, _ in checked}) != len(checked):
+        pfns = [self._freeable(s, int(p)) for p in phys.tolist()]
+        if len(set(pfns)) != len(pfns):
             raise einval("free_folios: the same folio appears twice")
-        for pfn, _ in checked:
+        for pfn in pfns:
             self.allocator.free(pfn)
             s.drop_alloc(pfn)
-        return len(checked)
+        return len(pfns)
 
     # ================================================================= preservation
 
     def preserve_folio(self, s: Session, phys: int, order: int | None = None) -> int:
-        self._preservable()
+        self._editable("preservation")
         pfn = self._pfn(phys)
         if order is None:
             order = s.allocs.get(pfn)
@@ -269,7 +254,7 @@ class Engine:
         return order
 
     def unpreserve_folio(self, s: Session, phys: int, order: int | None = None) -> int:
-        self._preservable()
+        self._editable("preservation")
         pfn = self._pfn(phys)
         if order is None:
             order = s.tracker.find_order(pfn)
@@ -278,36 +263,10 @@ class Engine:
         s.tracker.unpreserve_folio(pfn, order)
         return order
 
-    def _batch(
-        self, s: Session, phys: I64, orders: int | I64 | None, *, lookup: str
-    ) -> tuple[I64, int | I64]:
-        """Validate a batch's addresses and orders; ``lookup`` says where to find missing orders."""
-        if phys.size > self.limits.max_batch:
-            raise einval(f"{phys.size} folios in one batch; at most {self.limits.max_batch}")
-        if phys.size and (np.any(phys % PAGE_SIZE) or phys.min() < self.region.base):
-            bad = phys[(phys % PAGE_SIZE != 0) | (phys < self.region.base)][0]
-            raise einval(f"phys {int(bad):#x} is misaligned or outside the region")
-        pfns = phys >> PAGE_SHIFT
-        if orders is None:
-            table: Callable[[int], int | None] = (
-                s.allocs.get if lookup == "alloc" else s.tracker.find_order
-            )
-            found = [table(int(p)) for p in pfns.tolist()]
-            if any(o is None for o in found):
-                p = int(pfns[[o is None for o in found].index(True)]) << PAGE_SHIFT
-                what = "the start of an allocation" if lookup == "alloc" else "preserved"
-                code = Errno.EINVAL if lookup == "alloc" else Errno.ENOENT
-                raise KhoError(code, f"{p:#x} is not {what}: give the order")
-            orders = np.asarray(found, dtype=np.int64)
-        npages = np.int64(1) << (orders if isinstance(orders, np.ndarray) else np.int64(orders))
-        end = pfns + npages
-        if pfns.size and int(end.max()) > (self.region.end >> PAGE_SHIFT):
-            raise einval("a folio of the batch runs past the end of the region")
-        return pfns, orders
-
     def preserve_folios(self, s: Session, phys: I64, orders: int | I64 | None) -> int:
-        self._preservable()
-        pfns, ords = self._batch(s, phys, orders, lookup="alloc")
+        self._editable("preservation")
+        pfns = self._batch_pfns(phys)
+        ords = self._batch_orders(pfns, orders, s.allocs.get, _NOT_ALLOCATED)
         npages = np.int64(1) << (ords if isinstance(ords, np.ndarray) else np.int64(ords))
         owned = s.owned_mask(pfns, np.broadcast_to(npages, pfns.shape))
         if not owned.all():
@@ -317,23 +276,14 @@ class Engine:
         return s.tracker.preserve_folios(pfns, ords)
 
     def unpreserve_folios(self, s: Session, phys: I64, orders: int | I64 | None) -> int:
-        self._preservable()
-        pfns, ords = self._batch(s, phys, orders, lookup="tracker")
+        self._editable("preservation")
+        pfns = self._batch_pfns(phys)
+        ords = self._batch_orders(pfns, orders, s.tracker.find_order, _NOT_PRESERVED)
         return s.tracker.unpreserve_folios(pfns, ords)
 
-    def _split(self, phys: int, size: int) -> list[tuple[int, int]]:
-        npages = self._size_pages(size)
-        return split_range(self._pfn(phys, npages), npages)
-
-    def preserve_phys(self, s: Session, phys: int, size: int) -> list[tuple[int, int]]:
-        return self.preserve_ranges(s, [(phys, size)])
-
-    def unpreserve_phys(self, s: Session, phys: int, size: int) -> list[tuple[int, int]]:
-        return self.unpreserve_ranges(s, [(phys, size)])
-
     def preserve_ranges(self, s: Session, ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
-        """Preserve page-aligned ranges (split per DESIGN §3); all or nothing."""
-        self._preservable()
+        """Preserve page-aligned ranges, split per docs/format.md §5; all or nothing."""
+        self._editable("preservation")
         folios = [f for phys, size in ranges for f in self._split(phys, size)]
         for pfn, order in folios:
             if not s.owns(pfn, 1 << order):
@@ -342,101 +292,37 @@ class Engine:
         return [(p << PAGE_SHIFT, o) for p, o in folios]
 
     def unpreserve_ranges(self, s: Session, ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
-        self._preservable()
+        """Unpreserve ranges preserved as such: each must name its folios exactly."""
+        self._editable("preservation")
         folios = [f for phys, size in ranges for f in self._split(phys, size)]
         s.tracker.unpreserve_folios([p for p, _ in folios], [o for _, o in folios])
         return [(p << PAGE_SHIFT, o) for p, o in folios]
 
-    # ================================================================= restore (successor)
+    # ================================================================= tree (outgoing)
 
-    def _incoming_of(self, s: Session) -> IncomingState:
-        if s.incoming is None:
-            raise enoent(f"no memory was handed over for session {s.name!r}")
-        return s.incoming
+    def add_node(self, s: Session, path: str) -> bool:
+        self._editable("the KHO tree")
+        return s.tree.add_node(path)
 
-    def restore_folio(self, s: Session, phys: int) -> int:
-        """Take back one incoming folio: owner only, at its start, once; returns its order."""
-        inc = self._incoming_of(s)
-        pfn = self._pfn(phys)
-        order = inc.unclaimed.find_order(pfn)
-        if order is None:
-            raise enoent(
-                f"{phys:#x} is not the start of an unrestored folio handed over "
-                f"for session {s.name!r}"
-            )
-        self.allocator.claim(pfn, order)
-        inc.unclaimed.unpreserve_folio(pfn, order)
-        s.add_alloc(pfn, order)
-        return order
+    def add_prop(self, s: Session, path: str, name: str, value: bytes) -> bool:
+        self._editable("the KHO tree")
+        return s.tree.add_prop(path, name, value)
 
-    def restore_folios(self, s: Session, phys: I64) -> list[int]:
-        """Restore many incoming folios at once (all or none); returns their orders."""
-        if phys.size > self.limits.max_batch:
-            raise einval(f"{phys.size} folios in one batch; at most {self.limits.max_batch}")
-        inc = self._incoming_of(s)
-        pfns = [self._pfn(int(p)) for p in phys.tolist()]
-        if len(set(pfns)) != len(pfns):
-            raise einval("restore_folios: the same folio appears twice")
-        orders = []
-        for pfn in pfns:
-            order = inc.unclaimed.find_order(pfn)
-            if order is None:
-                raise enoent(
-                    f"{pfn << PAGE_SHIFT:#x} is not the start of an unrestored folio handed "
-                    f"over for session {s.name!r}"
-                )
-            orders.append(order)
-        for pfn, order in zip(pfns, orders, strict=True):
-            self.allocator.claim(pfn, order)
-            s.add_alloc(pfn, order)
-        inc.unclaimed.unpreserve_folios(pfns, orders)
-        return orders
+    def add_string_prop(self, s: Session, path: str, name: str, value: str) -> bool:
+        self._editable("the KHO tree")
+        return s.tree.add_string_prop(path, name, value)
 
-    def restore_phys(self, s: Session, phys: int, size: int) -> list[tuple[int, int]]:
-        """Restore a range preserved with ``preserve_phys``; all of its folios or none."""
-        inc = self._incoming_of(s)
-        folios = self._split(phys, size)
-        for pfn, order in folios:
-            if not inc.unclaimed.contains(pfn, order):
-                raise enoent(
-                    f"range {phys:#x}+{size:#x}: folio {pfn << PAGE_SHIFT:#x} order {order} "
-                    "is not an unrestored incoming folio of this session"
-                )
-        for pfn, order in folios:
-            self.allocator.claim(pfn, order)
-            inc.unclaimed.unpreserve_folio(pfn, order)
-            s.add_alloc(pfn, order)
-        return [(p << PAGE_SHIFT, o) for p, o in folios]
+    def remove_node(self, s: Session, path: str) -> None:
+        self._editable("the KHO tree")
+        s.tree.remove_node(path)
 
-    def release_unclaimed(self, name: str | None = None) -> dict[str, Any]:
-        """Free incoming memory nobody restored, and forget unreattached sessions' subtrees."""
-        if self.state not in (State.ACTIVE,):
-            raise ebusy(f"cannot release incoming memory while {self.state}")
-        names = [name] if name is not None else sorted(self.incoming)
-        if name is not None and name not in self.incoming:
-            raise enoent(f"no incoming session {name!r}")
-        released = 0
-        dropped: list[str] = []
-        for n in names:
-            inc = self.incoming[n]
-            for order in inc.unclaimed.orders:
-                first, count = inc.unclaimed.runs(order)
-                for pfn, c in zip(first.tolist(), count.tolist(), strict=True):
-                    self.allocator.unreserve_pages(pfn, c << order)
-            released += inc.unclaimed.total_bytes()
-            inc.unclaimed = Tracker()
-            if not inc.claimed:
-                del self.incoming[n]
-                dropped.append(n)
-            else:
-                inc.subtree = Node()
-        return {"released_bytes": released, "dropped_sessions": dropped}
+    def remove_prop(self, s: Session, path: str, name: str) -> bytes:
+        self._editable("the KHO tree")
+        return s.tree.remove_prop(path, name)
 
-    # ================================================================= tree
-
-    def get_node(self, s: Session, path: str, which: str) -> dict[str, Any]:
+    def get_node(self, s: Session, path: str, which: str) -> NodeListing:
         node = self._tree_node(s, path, which)
-        return {"props": sorted(node.props), "children": sorted(node.children)}
+        return NodeListing(tuple(sorted(node.props)), tuple(sorted(node.children)))
 
     def get_prop(self, s: Session, path: str, name: str, which: str) -> bytes:
         node = self._tree_node(s, path, which)
@@ -463,16 +349,105 @@ class Engine:
             return self.incoming_fdt
         raise einval(f"fdt must be 'in' or 'out', not {which!r}")
 
-    # ================================================================= lifecycle
+    # ================================================================= restore (successor)
 
-    def begin_finalize(self) -> None:
-        if self.state is State.FINALIZED:
-            raise eexist("already finalized")
-        if self.state is State.FINALIZING:
-            raise ebusy("a finalize is already running")
-        if self.state is not State.ACTIVE:
-            raise ebusy(f"cannot finalize while {self.state}")
-        self.state = State.FINALIZING
+    def _incoming_of(self, s: Session) -> IncomingState:
+        if s.incoming is None:
+            raise enoent(f"no memory was handed over for session {s.name!r}")
+        return s.incoming
+
+    def _not_incoming(self, s: Session, pfn: int) -> KhoError:
+        return enoent(
+            f"{pfn << PAGE_SHIFT:#x} is not the start of an unrestored folio handed over "
+            f"for session {s.name!r}"
+        )
+
+    def restore_folio(self, s: Session, phys: int) -> int:
+        """Take back one incoming folio: owner only, at its start, once; returns its order."""
+        inc = self._incoming_of(s)
+        pfn = self._pfn(phys)
+        order = inc.unclaimed.find_order(pfn)
+        if order is None:
+            raise self._not_incoming(s, pfn)
+        self.allocator.claim(pfn, order)
+        inc.unclaimed.unpreserve_folio(pfn, order)
+        s.add_alloc(pfn, order)
+        return order
+
+    def restore_folios(self, s: Session, phys: I64) -> list[int]:
+        """Restore many incoming folios; every one is checked before any is taken."""
+        if phys.size > self.limits.max_batch:
+            raise einval(f"{phys.size} folios in one batch; at most {self.limits.max_batch}")
+        inc = self._incoming_of(s)
+        pfns = [self._pfn(int(p)) for p in phys.tolist()]
+        if len(set(pfns)) != len(pfns):
+            raise einval("restore_folios: the same folio appears twice")
+        orders = []
+        for pfn in pfns:
+            order = inc.unclaimed.find_order(pfn)
+            if order is None:
+                raise self._not_incoming(s, pfn)
+            orders.append(order)
+        for pfn, order in zip(pfns, orders, strict=True):
+            self.allocator.claim(pfn, order)
+            s.add_alloc(pfn, order)
+        inc.unclaimed.unpreserve_folios(pfns, orders)
+        return orders
+
+    def restore_phys(self, s: Session, phys: int, size: int) -> list[tuple[int, int]]:
+        """Restore a range preserved with ``preserve_phys``; all of its folios or none."""
+        inc = self._incoming_of(s)
+        folios = self._split(phys, size)
+        for pfn, order in folios:
+            if not inc.unclaimed.contains(pfn, order):
+                raise enoent(
+                    f"range {phys:#x}+{size:#x}: folio {pfn << PAGE_SHIFT:#x} order {order} "
+                    "is not an unrestored incoming folio of this session"
+                )
+        for pfn, order in folios:
+            self.allocator.claim(pfn, order)
+            inc.unclaimed.unpreserve_folio(pfn, order)
+            s.add_alloc(pfn, order)
+        return [(p << PAGE_SHIFT, o) for p, o in folios]
+
+    def release_unclaimed(self, name: str | None = None) -> ReleaseResult:
+        """Free incoming memory nobody restored, and forget unreattached sessions' subtrees."""
+        names = [name] if name is not None else sorted(self.incoming)
+        if name is not None and name not in self.incoming:
+            raise enoent(f"no incoming session {name!r}")
+        released = 0
+        dropped: list[str] = []
+        for n in names:
+            inc = self.incoming[n]
+            for order in inc.unclaimed.orders:
+                first, count = inc.unclaimed.runs(order)
+                for pfn, c in zip(first.tolist(), count.tolist(), strict=True):
+                    self.allocator.unreserve_pages(pfn, c << order)
+            released += inc.unclaimed.total_bytes()
+            inc.unclaimed = Tracker()
+            if not inc.claimed:
+                del self.incoming[n]
+                dropped.append(n)
+            else:
+                inc.subtree = Node()
+        return ReleaseResult(released, tuple(dropped))
+
+    # ================================================================= the lifecycle's levers
+
+    def hold(self) -> None:
+        """A finalize began: keep every session until :meth:`release`."""
+        self.held = True
+
+    def freeze(self) -> None:
+        """Refuse preservation and tree edits from now on."""
+        self.held = True
+        self.frozen = True
+
+    def release(self) -> list[str]:
+        """Back to normal after an abort or unfreeze; returns the sessions swept meanwhile."""
+        self.frozen = False
+        self.held = False
+        return self.sweep()
 
     def images(self) -> list[SessionImage]:
         """What the next handover holds: live sessions plus carried-forward incoming."""
@@ -487,264 +462,118 @@ class Engine:
                 out.append(SessionImage(name, inc.uid, inc.unclaimed, inc.subtree))
         return out
 
-    def commit_finalize(self) -> dict[str, Any]:
-        """Freeze trees, write the handover and commit it (the write lock is held)."""
-        if self.state is not State.FINALIZING:
-            raise ebusy(f"cannot commit while {self.state}")
+    def commit(self) -> CommitSummary:
+        """Write the handover and commit it; needs the freeze. Nothing changes on failure."""
+        if not self.frozen or self.committed is not None:
+            raise ebusy("commit needs a frozen, uncommitted engine")
         t0 = time.perf_counter()
-        for s in self.sessions.values():
-            s.tree.freeze()
-        try:
-            images = self.images()
-            done = commit(
-                self.region,
-                self.allocator,
-                self.scratch,
-                self.generation + 1,
-                images,
-                hook=self.hook,
-            )
-        except BaseException:
-            for s in self.sessions.values():
-                s.tree.thaw()
-            raise
+        images = self.images()
+        done = commit(
+            self.region,
+            self.allocator,
+            self.scratch,
+            self.generation + 1,
+            images,
+            owner_pid=self.pid,
+            hook=self.hook,
+        )
         self.committed = done
-        self.state = State.FINALIZED
-        self.last_finalize = {
-            "generation": done.record.generation,
-            "folios": {str(o): n for o, n in done.folios_by_order.items()},
-            "bytes": {str(o): n for o, n in done.bytes_by_order.items()},
-            "total_bytes": sum(done.bytes_by_order.values()),
-            "sessions": [
-                {"name": i.name, "uid": i.uid, "bytes": i.tracker.total_bytes()} for i in images
-            ],
-            "chunk_pages": done.chunk_pages,
-            "metadata_pages": done.metadata_pages,
-            "fdt_bytes": len(done.fdt),
-            "commit_ms": round((time.perf_counter() - t0) * 1e3, 3),
-        }
-        return self.last_finalize
+        return CommitSummary(
+            generation=done.record.generation,
+            folios={str(o): n for o, n in done.folios_by_order.items()},
+            bytes={str(o): n for o, n in done.bytes_by_order.items()},
+            total_bytes=sum(done.bytes_by_order.values()),
+            sessions=tuple(SessionBytes(i.name, i.uid, i.tracker.total_bytes()) for i in images),
+            chunk_pages=done.chunk_pages,
+            metadata_pages=done.metadata_pages,
+            fdt_bytes=len(done.fdt),
+            commit_ms=round((time.perf_counter() - t0) * 1e3, 3),
+        )
 
-    def abort_finalize(self) -> list[str]:
-        """Back to ACTIVE after a veto, error or timeout; every preservation intact."""
-        for s in self.sessions.values():
-            s.tree.thaw()
-        self.state = State.ACTIVE
-        return self.sweep()
-
-    def unfreeze(self) -> list[str]:
-        """FINALIZED -> ACTIVE: free the metadata, clear the record, thaw."""
-        if self.state is not State.FINALIZED or self.committed is None:
+    def uncommit(self) -> None:
+        """Take a committed handover back: the record says live again, metadata is freed."""
+        if self.committed is None:
             raise enoent("not finalized")
-        write_record(self.region, live_record(self.region, self.scratch, self.generation))
+        write_record(self.region, live_record(self.region, self.scratch, self.generation, self.pid))
         self.committed.free(self.allocator)
         self.committed = None
-        return self.abort_finalize()
-
-    def hand_over(self) -> int:
-        if self.state is not State.FINALIZED or self.committed is None:
-            raise ebusy("handover needs a finalized daemon; run finalize first")
-        self.state = State.HANDED_OVER
-        return self.committed.record.generation
 
     def stop_clean(self) -> None:
-        """Stop without a handover: the region is marked clean."""
-        if self.state is State.FINALIZED:
+        """Stop without a handover: the region's record says clean."""
+        if self.committed is not None:
             raise ebusy("finalized: hand over or unfreeze before stopping")
-        rec = live_record(self.region, self.scratch, self.generation, pid=0)
-        write_record(self.region, replace(rec, state=RecordState.CLEAN))
-        self.state = State.STOPPED
+        rec = live_record(self.region, self.scratch, self.generation, 0, RecordState.CLEAN)
+        write_record(self.region, rec)
 
     # ================================================================= reporting
 
     def incoming_unclaimed_bytes(self) -> int:
         return sum(inc.unclaimed.total_bytes() for inc in self.incoming.values())
 
-    def region_usage(self) -> dict[str, Any]:
-        """Region geometry and bytes by use (what status and the metrics report)."""
+    def preserved_folios(self) -> list[int]:
+        """Folios preserved for the next handover, per order (index = order)."""
+        folios = [0] * NR_ORDERS
+        for s in self.sessions.values():
+            for st in s.tracker.stats():
+                folios[st.order] += st.folios
+        return folios
+
+    def region_usage(self) -> RegionUsage:
         u = self.allocator.usage()
-        meta = 0
-        if self.committed is not None:
-            c = self.committed
-            meta = (c.metadata_pages + (1 << c.fdt_block[1])) * PAGE_SIZE
-        return {
-            "backend": self.region.backend,
-            "path": self.region.path,
-            "base": self.region.base,
-            "size": self.region.size,
-            "free": u.free,
-            "allocated": u.allocated - meta,
-            "preserved": sum(s.tracker.total_bytes() for s in self.sessions.values()),
-            "metadata": meta,
-            "reserved_incoming": u.reserved - PAGE_SIZE,
-            "reserved": u.reserved,
-            "scratch": u.scratch,
-            "scratch_free": u.scratch_free,
-        }
+        meta = self.committed.metadata_bytes if self.committed is not None else 0
+        return RegionUsage(
+            backend=self.region.backend,
+            path=self.region.path,
+            base=self.region.base,
+            size=self.region.size,
+            free=u.free,
+            allocated=u.allocated - meta,
+            preserved=sum(s.tracker.total_bytes() for s in self.sessions.values()),
+            metadata=meta,
+            reserved_incoming=u.reserved - PAGE_SIZE,
+            reserved=u.reserved,
+            scratch=u.scratch,
+            scratch_free=u.scratch_free,
+        )
 
-    def status(self) -> dict[str, Any]:
-        return {
-            "state": str(self.state),
-            "generation": self.generation,
-            "pid": os.getpid(),
-            "region": self.region_usage(),
-            "sessions": [
-                self.session_info(s) for s in sorted(self.sessions.values(), key=lambda s: s.name)
-            ],
-            "incoming": {
-                "unclaimed_bytes": self.incoming_unclaimed_bytes(),
-                "sessions": [
-                    {
-                        "name": inc.name,
-                        "uid": inc.uid,
-                        "claimed": inc.claimed,
-                        "unclaimed_bytes": inc.unclaimed.total_bytes(),
-                        "unclaimed_folios": inc.unclaimed.count(),
-                    }
-                    for inc in sorted(self.incoming.values(), key=lambda i: i.name)
-                ],
-            },
-            "last_finalize": self.last_finalize,
-        }
+    def session_infos(self) -> tuple[SessionInfo, ...]:
+        return tuple(_session_info(s) for s in sorted(self.sessions.values(), key=lambda s: s.name))
 
-    @staticmethod
-    def session_info(s: Session) -> dict[str, Any]:
-        return {
-            "name": s.name,
-            "uid": s.uid,
-            "persistent": s.persistent,
-            "connections": len(s.connections),
-            "allocated_bytes": s.allocated_bytes,
-            "preserved_bytes": s.tracker.total_bytes(),
-            "preserved": {
-                str(st.order): {"folios": st.folios, "bytes": st.bytes} for st in s.tracker.stats()
-            },
-            "tree_nodes": s.tree.nodes,
-            "tree_bytes": s.tree.size,
-            "incoming_unclaimed_bytes": s.incoming.unclaimed.total_bytes() if s.incoming else 0,
-        }
+    def incoming_info(self) -> IncomingInfo:
+        return IncomingInfo(
+            unclaimed_bytes=self.incoming_unclaimed_bytes(),
+            sessions=tuple(
+                IncomingSessionInfo(
+                    name=inc.name,
+                    uid=inc.uid,
+                    claimed=inc.claimed,
+                    unclaimed_bytes=inc.unclaimed.total_bytes(),
+                    unclaimed_folios=inc.unclaimed.count(),
+                )
+                for inc in sorted(self.incoming.values(), key=lambda i: i.name)
+            ),
+        )
 
 
-# ===================================================================== start-up
+_NOT_ALLOCATED = (Errno.EINVAL, "the start of an allocation")
+_NOT_PRESERVED = (Errno.ENOENT, "preserved")
 
 
-def allocator_for(region: Region, scratch: ScratchRange) -> Allocator:
-    """An allocator over the region with ``scratch`` and the record page reserved."""
-    alloc = Allocator(
-        region.base_pfn,
-        region.npages,
-        scratch=(scratch.phys >> PAGE_SHIFT, scratch.size >> PAGE_SHIFT),
+def _session_info(s: Session) -> SessionInfo:
+    return SessionInfo(
+        name=s.name,
+        uid=s.uid,
+        persistent=s.persistent,
+        connections=len(s.connections),
+        allocated_bytes=s.allocated_bytes,
+        preserved_bytes=s.tracker.total_bytes(),
+        preserved={str(st.order): OrderCount(st.folios, st.bytes) for st in s.tracker.stats()},
+        tree_nodes=s.tree.nodes,
+        tree_bytes=s.tree.size,
+        incoming_unclaimed_bytes=s.incoming.unclaimed.total_bytes() if s.incoming else 0,
     )
-    alloc.reserve_pages(region.base_pfn, 1)
-    return alloc
 
 
-def layout(region: Region, scratch_size: int) -> tuple[Allocator, ScratchRange]:
-    """khod's layout for a fresh region: the record page, then scratch right after it."""
-    if scratch_size % PAGE_SIZE or not 0 < scratch_size < region.size - 2 * PAGE_SIZE:
-        raise einval(f"scratch size {scratch_size:#x} does not fit the region")
-    scratch = ScratchRange(region.base + PAGE_SIZE, scratch_size)
-    return allocator_for(region, scratch), scratch
-
-
-def start_engine(
-    region: Region,
-    *,
-    scratch_size: int,
-    reset: bool = False,
-    limits: EngineLimits | None = None,
-    hook: Hook = no_hook,
-    alive: Callable[[int], bool] = pid_alive,
-    pid: int | None = None,
-) -> tuple[Engine, StartInfo]:
-    """Format the region or take in its handover; refuse with a named reason."""
-    pid = os.getpid() if pid is None else pid
-    try:
-        rec = read_record(region)
-    except HandoverError as exc:
-        if not reset:
-            raise StartupRefused(
-                Errno.EPROTO,
-                f"the region's handover record is damaged ({exc.detail}); inspect it, "
-                "or start with --reset to discard it",
-                EXIT_REFUSED_HANDOVER,
-            ) from exc
-        rec = None
-    reset_from = None
-    if rec is not None and rec.state is RecordState.LIVE and rec.owner_pid != pid:
-        if alive(rec.owner_pid):
-            raise StartupRefused(
-                Errno.EBUSY,
-                f"the region is in use by a running daemon (pid {rec.owner_pid})",
-                EXIT_REGION_BUSY,
-            )
-        if not reset:
-            raise StartupRefused(
-                Errno.EBUSY,
-                f"the region was live under pid {rec.owner_pid}, which is gone without a "
-                "handover; clients may still map that memory. Start with --reset to discard it",
-                EXIT_REGION_BUSY,
-            )
-        reset_from = f"live pid {rec.owner_pid}"
-    if rec is not None and rec.state is RecordState.HANDOVER and not reset:
-        return _populate(region, rec, limits=limits, hook=hook, pid=pid)
-    if rec is not None and rec.state is RecordState.HANDOVER:
-        reset_from = f"handover generation {rec.generation}"
-    generation = rec.generation if rec is not None else 0
-    alloc, scratch = layout(region, scratch_size)
-    write_record(region, live_record(region, scratch, generation, pid))
-    engine = Engine(region, alloc, scratch, generation, limits=limits, hook=hook)
-    return engine, StartInfo("format", generation, reset_from=reset_from)
-
-
-def _populate(
-    region: Region,
-    rec: Any,
-    *,
-    limits: EngineLimits | None,
-    hook: Hook,
-    pid: int,
-) -> tuple[Engine, StartInfo]:
-    t0 = time.perf_counter()
-    try:
-        inc = read_handover(region, rec, limits=(limits or EngineLimits()).tree, hook=hook)
-    except HandoverError as exc:
-        raise StartupRefused(
-            Errno.EPROTO,
-            f"{exc.message}; nothing was reserved and the region is left as it is",
-            EXIT_REFUSED_HANDOVER,
-        ) from exc
-    hook("populate-validated")
-    scratch = inc.scratch
-    alloc = allocator_for(region, scratch)
-    alloc.set_scratch_only(True)  # nothing may land on memory still to be reserved
-    root = inc.root.tracker
-    for order in root.orders:
-        first, count = root.runs(order)
-        alloc.reserve_runs(first, count << order)
-    hook("populate-reserved")
-    incoming = {
-        name: IncomingState(name, s.uid, s.memory.tracker, s.subtree)
-        for name, s in inc.sessions.items()
-    }
-    alloc.set_scratch_only(False)
-    hook("populate-record")
-    write_record(region, live_record(region, scratch, inc.generation, pid))
-    engine = Engine(
-        region,
-        alloc,
-        scratch,
-        inc.generation,
-        limits=limits,
-        incoming=incoming,
-        incoming_fdt=inc.fdt,
-        hook=hook,
-    )
-    info = StartInfo(
-        "populate",
-        inc.generation,
-        populate_s=time.perf_counter() - t0,
-        incoming_sessions=len(incoming),
-        incoming_bytes=root.total_bytes(),
-    )
-    return engine, info
+def folio_sizes(orders: list[int]) -> int:
+    """Bytes of folios of the given orders."""
+    return sum(folio_bytes(o) for o in orders)

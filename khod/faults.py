@@ -2,7 +2,9 @@
 
 A crash anywhere inside finalize, commit, handover or populate must leave
 either a complete handover or none; tests prove it by dying at each point
-with SIGKILL (no cleanup, no flush beyond what the code already did).
+with SIGKILL (no cleanup, no flush beyond what the code already did). The
+commit's own moments are :class:`khod.kho.handover.CommitStep`; every one of
+them is a member here too, under the same name.
 """
 
 from __future__ import annotations
@@ -10,23 +12,24 @@ from __future__ import annotations
 import os
 import signal
 import sys
+from enum import StrEnum
 
-POINTS = (
-    "finalize-notified",  # FINALIZE notifiers answered ok, before the freeze
-    "serialize",  # the write lock is held, before any metadata is written
-    "fdt",  # chunk lists and FDT written, not yet flushed
-    "commit",  # everything flushed, before the record write (the commit point)
-    "committed",  # right after the record write
-    "handover",  # clients told, before the daemon exits
-    "populate-validated",  # successor: handover validated, nothing reserved yet
-    "populate-reserved",  # successor: incoming folios reserved
-    "populate-record",  # successor: before the record is marked live
-)
+
+class FaultPoint(StrEnum):
+    FINALIZE_NOTIFIED = "finalize-notified"  # FINALIZE notifiers answered ok, before the freeze
+    SERIALIZE = "serialize"  # frozen, before any metadata is written
+    FDT_WRITTEN = "fdt"  # chunk lists and FDT written, not yet flushed
+    FLUSHED = "commit"  # everything flushed, before the record write (the commit point)
+    COMMITTED = "committed"  # right after the record write
+    HANDOVER = "handover"  # clients told, before the daemon exits
+    POPULATE_VALIDATED = "populate-validated"  # successor: validated, nothing reserved yet
+    POPULATE_RESERVED = "populate-reserved"  # successor: incoming folios reserved
+    POPULATE_RECORD = "populate-record"  # successor: before the record is marked live
 
 
 def point(name: str) -> None:
     """Die here if the environment asks for it."""
     if os.environ.get("KHOD_FAULT") == name:
-        sys.stderr.write(f"khod: fault point {name!r} reached, killing myself\n")
+        sys.stderr.write(f"khod: fault point {str(name)!r} reached, killing myself\n")
         sys.stderr.flush()
         os.kill(os.getpid(), signal.SIGKILL)

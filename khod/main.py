@@ -1,15 +1,17 @@
 """``khod [--config FILE] [--reset] [--check-config]``: run the daemon.
 
-Exit status: 0 after a clean stop or a handover, 1 when a stop could not
-hand over as configured, 2 for a configuration or environment error, 3 when
-an incoming handover is refused (the region is left untouched for
-``khoctl inspect``), 4 when the region belongs to a live or crashed daemon.
+config -> region -> start-up -> serve. Exit status (:class:`khod.startup.Exit`):
+0 after a clean stop or a handover, 1 when a stop could not hand over as
+configured, 2 for a configuration or environment error, 3 when an incoming
+handover is refused (the region is left untouched for ``khoctl inspect``),
+4 when the region belongs to a live or crashed daemon.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Any
 
@@ -17,15 +19,16 @@ import trio
 
 from khod import __version__, faults, systemd
 from khod.config import Config, ConfigError, load, override
-from khod.engine import EngineLimits, StartupRefused, start_engine
+from khod.engine import EngineLimits
 from khod.errors import KhoError
+from khod.kho.tree import TreeLimits
+from khod.lifecycle import Lifecycle, State
 from khod.log import Log
 from khod.metrics import Metrics, record_rejection
+from khod.ops import OPS
 from khod.region import Region, open_region
-from khod.server import Server, bind_unix, unlink_if_ours
-from khod.tree import TreeLimits
-
-EXIT_CONFIG = 2
+from khod.server import Connections, Server, bind_unix, unlink_if_ours
+from khod.startup import Exit, StartupRefused, start_engine
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -122,12 +125,12 @@ async def serve(server: Server, cfg: Config, log: Log, extra: Any = None) -> Non
             if extra is not None:
                 await extra(nursery)
             await nursery.start(server.run, listeners)
-            e = server.engine
+            e, state = server.engine, server.lifecycle.state
             systemd.notify(
                 "READY=1",
-                f"STATUS={e.state}: generation {e.generation}, {len(e.sessions)} sessions",
+                f"STATUS={state}: generation {e.generation}, {len(e.sessions)} sessions",
             )
-            log.info("ready", state=str(e.state), generation=e.generation)
+            log.info("ready", state=str(state), generation=e.generation)
             await server.finished.wait()
             nursery.cancel_scope.cancel()
     finally:
@@ -141,7 +144,7 @@ def run(argv: list[str] | None = None) -> int:
         cfg = effective_config(args)
     except ConfigError as exc:
         print(f"khod: {exc.message}", file=sys.stderr)
-        return EXIT_CONFIG
+        return Exit.CONFIG
     if args.check_config:
         print(render_config(cfg), end="")
         return 0
@@ -151,7 +154,7 @@ def run(argv: list[str] | None = None) -> int:
         region = open_region(r.backend, r.path, base=r.base, size=r.size)
     except KhoError as exc:
         log.error("region.open_failed", backend=r.backend, path=r.path, reason=exc.message)
-        return EXIT_CONFIG
+        return Exit.CONFIG
     try:
         return _run_on_region(region, cfg, args, log)
     finally:
@@ -166,6 +169,7 @@ def _run_on_region(region: Region, cfg: Config, args: argparse.Namespace, log: L
         engine, info = start_engine(
             region,
             scratch_size=cfg.region.scratch_size,
+            pid=os.getpid(),
             reset=args.reset,
             limits=engine_limits(cfg),
             hook=faults.point,
@@ -176,7 +180,7 @@ def _run_on_region(region: Region, cfg: Config, args: argparse.Namespace, log: L
         return exc.exit_status
     except KhoError as exc:
         log.error("start.failed", code=str(exc.code), reason=exc.message)
-        return EXIT_CONFIG
+        return Exit.CONFIG
     if info.reset_from:
         log.warning("start.reset", discarded=info.reset_from, region=region.path)
     log.info(
@@ -191,29 +195,45 @@ def _run_on_region(region: Region, cfg: Config, args: argparse.Namespace, log: L
         populate_ms=round(info.populate_s * 1e3, 3) if info.mode == "populate" else None,
         version=__version__,
     )
+    conns = Connections()
     metrics = Metrics(
-        engine, info, listen=cfg.metrics.listen, state_dir=cfg.server.state_dir, log=log
+        engine,
+        info,
+        conns,
+        ops=OPS,
+        listen=cfg.metrics.listen,
+        state_dir=cfg.server.state_dir,
+        log=log,
     )
-    server = Server(engine, cfg, log, metrics=metrics)
-    metrics.server = server
+    lifecycle = Lifecycle(
+        engine,
+        conns,
+        notifier_timeout_s=cfg.server.notifier_timeout_s,
+        handover_on_stop=cfg.server.handover_on_stop,
+        log=log,
+        metrics=metrics,
+        hook=faults.point,
+        announce=systemd.status,
+    )
+    server = Server(engine, lifecycle, conns, cfg, log, metrics=metrics)
     extra = metrics.serve if cfg.metrics.listen else None
     try:
         trio.run(serve, server, cfg, log, extra)
     except KhoError as exc:
         log.error("serve.failed", code=str(exc.code), reason=exc.message)
-        return EXIT_CONFIG
+        return Exit.CONFIG
     except OSError as exc:
         log.error("serve.failed", reason=str(exc))
-        return EXIT_CONFIG
-    if engine.state.value == "handed_over":
+        return Exit.CONFIG
+    if lifecycle.state is State.HANDED_OVER:
         region.flush()
         log.info("exit", reason=server.exit_reason, handover_generation=engine.generation + 1)
     else:
         try:
-            engine.stop_clean()
+            lifecycle.stop()
         except KhoError as exc:
             log.warning("exit.unclean", reason=exc.message)
-        log.info("exit", reason=server.exit_reason or "stopped", state=str(engine.state))
+        log.info("exit", reason=server.exit_reason or "stopped", state=str(lifecycle.state))
     return server.exit_status
 
 

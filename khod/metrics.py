@@ -1,9 +1,10 @@
 """Prometheus metrics, served over HTTP from the daemon's own trio loop.
 
 One private registry per daemon. Engine state (sessions, preserved bytes,
-region use) is read at scrape time by a collector running on the trio
-thread, so it needs no locks and is never stale; request, finalize and
-notifier timings are ordinary counters and histograms the server updates.
+region use) and the connection count are read at scrape time by a collector
+running on the trio thread, so it needs no locks and is never stale; the
+lifecycle reports its state as it changes, and request, finalize and
+notifier timings are ordinary counters and histograms their owners update.
 Labelled series are created at zero at start, so a first increment is
 visible as one.
 
@@ -19,9 +20,8 @@ import functools
 import json
 import os
 import platform
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sized
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import trio
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
@@ -36,17 +36,15 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
 from khod import __version__
-from khod.abi import NR_ORDERS, RECORD_VERSION
 from khod.config import parse_listen
-from khod.errors import Errno, Fault, HandoverError, KhoError
+from khod.engine import Engine
+from khod.errors import Errno, Fault
+from khod.kho.record import RECORD_VERSION
 from khod.log import Log
-from khod.ops import OPS
+from khod.pages import PAGE_SHIFT
+from khod.startup import StartInfo, StartupRefused
 
-if TYPE_CHECKING:
-    from khod.engine import Engine, StartInfo
-    from khod.server import Server
-
-STATES = ("active", "finalizing", "finalized", "populating")
+STATES = ("active", "finalizing", "frozen", "finalized")
 REGION_USES = ("free", "allocated", "preserved", "reserved_incoming", "scratch", "metadata")
 FINALIZE_RESULTS = ("ok", "vetoed", "timeout", "error")
 REJECTIONS_FILE = "handover-rejections.json"
@@ -63,12 +61,12 @@ def load_rejections(state_dir: str) -> dict[str, int]:
     return counts
 
 
-def record_rejection(state_dir: str, error: KhoError, log: Log) -> None:
+def record_rejection(state_dir: str, error: StartupRefused, log: Log) -> None:
     """Count a refused handover where the next daemon will find it."""
-    if not state_dir or not isinstance(error.__cause__, HandoverError):
+    if not state_dir or error.fault is None:
         return
     counts = load_rejections(state_dir)
-    counts[str(error.__cause__.fault)] += 1
+    counts[str(error.fault)] += 1
     path = Path(state_dir) / REJECTIONS_FILE
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -85,8 +83,7 @@ class _EngineCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         e = self.m.engine
-        state = str(e.state)
-        shown = "finalized" if state == "handed_over" else state
+        shown = "finalized" if self.m.current_state == "handed_over" else self.m.current_state
         yield StateSetMetricFamily(
             "khod_state", "Lifecycle state of the daemon", {s: s == shown for s in STATES}
         )
@@ -102,10 +99,7 @@ class _EngineCollector(Collector):
                 "python": platform.python_version(),
             },
         )
-        folios = [0] * NR_ORDERS
-        for s in e.sessions.values():
-            for st in s.tracker.stats():
-                folios[st.order] += st.folios
+        folios = e.preserved_folios()
         pb = GaugeMetricFamily(
             "khod_preserved_bytes",
             "Bytes preserved for the next handover, by folio order",
@@ -117,21 +111,18 @@ class _EngineCollector(Collector):
             labels=["order"],
         )
         for order, n in enumerate(folios):
-            pb.add_metric([str(order)], n << (order + 12))
+            pb.add_metric([str(order)], n << (order + PAGE_SHIFT))
             pf.add_metric([str(order)], n)
         yield pb
         yield pf
         yield GaugeMetricFamily("khod_sessions", "Sessions the daemon knows", value=len(e.sessions))
-        server = self.m.server
         yield GaugeMetricFamily(
-            "khod_clients_connected",
-            "Open client connections",
-            value=len(server.conns) if server else 0,
+            "khod_clients_connected", "Open client connections", value=len(self.m.connections)
         )
         region = e.region_usage()
         rb = GaugeMetricFamily("khod_region_bytes", "Region bytes by use", labels=["use"])
         for use in REGION_USES:
-            rb.add_metric([use], region[use])
+            rb.add_metric([use], getattr(region, use))
         yield rb
         yield GaugeMetricFamily(
             "khod_incoming_unclaimed_bytes",
@@ -152,13 +143,15 @@ class _EngineCollector(Collector):
 
 
 class Metrics:
-    """The daemon's registry and the calls the server makes into it."""
+    """The daemon's registry and the calls the server and the lifecycle make into it."""
 
     def __init__(
         self,
         engine: Engine,
         info: StartInfo | None,
+        connections: Sized,
         *,
+        ops: Iterable[str],
         listen: str,
         state_dir: str = "",
         log: Log | None = None,
@@ -166,9 +159,10 @@ class Metrics:
         disable_created_metrics()  # type: ignore[no-untyped-call]
         self.engine = engine
         self.info = info
+        self.connections = connections
+        self.current_state = "active"
         self.listen = listen
         self.log = log or Log()
-        self.server: Server | None = None
         self.bound: tuple[str, int] = ("", 0)  # where serve() listens (port 0 picks one)
         self.rejections = load_rejections(state_dir)
         self.registry = CollectorRegistry(auto_describe=True)
@@ -203,8 +197,7 @@ class Metrics:
         self.restored_bytes = Counter(
             "khod_restored_bytes", "Incoming bytes restored to their sessions", registry=r
         )
-        ops = [*OPS, "unknown", "invalid"]
-        for op in ops:
+        for op in [*ops, "unknown", "invalid"]:
             self.request_seconds.labels(op)
             for code in ("OK", *Errno.__members__):
                 self.requests.labels(op, code)
@@ -214,7 +207,10 @@ class Metrics:
             self.notifier_seconds.labels(ev)
         r.register(_EngineCollector(self))
 
-    # ----------------------------------------------------------------- the server's calls
+    # ----------------------------------------------------------------- what the daemon reports
+
+    def state(self, state: str) -> None:
+        self.current_state = state
 
     def request(self, op: str, code: str, seconds: float) -> None:
         # labels() costs a lock and a dict lookup per call: keep the children (op and

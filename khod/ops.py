@@ -1,61 +1,75 @@
-"""The operations of DESIGN §5: argument checks, permissions, and the engine call.
+"""The operations of docs/protocol.md §6: argument checks, permissions, the engine call.
 
-Each handler takes the server, the calling connection, the request's
-:class:`Args` and its id, and returns the reply's result (or an awaitable for
-the operations that wait on notifiers). Handlers read every argument before
-acting and call ``a.done()`` so unknown arguments are refused.
+Each op is registered in :data:`OPS` with whether it needs the operator. A
+handler reads every argument through :class:`Args` (``a.done()`` refuses
+the ones nobody asked for), calls the engine or the lifecycle, and returns
+the result (an engine result is serialized by :mod:`khod.dispatch`).
+``session_op`` handlers get the caller's session and nothing else;
+``op`` handlers get the :class:`Caller` itself.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from khod.args import Args
-from khod.errors import Errno, KhoError, einval, eperm
+from khod.context import Caller, Context, Outcome
+from khod.errors import einval, eperm
+from khod.pages import folio_bytes
+from khod.results import Status
 from khod.session import Session
 
-if TYPE_CHECKING:
-    from khod.server import Connection, Server
-
-__all__ = ["OPS", "Args", "OpSpec", "WithFds"]
-
-Handler = Callable[["Server", "Connection", Args, int], Any]
+Handler = Callable[[Context, Caller, Args, int], Any]
+SessionHandler = Callable[[Context, Session, Args], Any]
 EVENTS = frozenset({"finalize", "unfreeze"})
 MAX_PATH = 1024
+MAX_NAME = 64
 MAX_VALUE = 1 << 20
 
 
 @dataclass(frozen=True)
 class OpSpec:
     fn: Handler
-    session: bool
     operator: bool
-
-
-@dataclass
-class WithFds:
-    """A result whose reply carries file descriptors (SCM_RIGHTS)."""
-
-    result: Any
-    fds: list[int]
 
 
 OPS: dict[str, OpSpec] = {}
 
 
-def op(name: str, *, session: bool = True, operator: bool = False) -> Callable[[Handler], Handler]:
+def _needs_session(caller: Caller, a: Args) -> Session:
+    if caller.session is None:
+        raise einval(f"{a.op} needs a session: send hello first")
+    return caller.session
+
+
+def op(name: str, *, session: bool = False, operator: bool = False) -> Callable[[Handler], Handler]:
+    """Register a handler that sees the caller (``session``: refuse callers without one)."""
+
     def register(fn: Handler) -> Handler:
-        OPS[name] = OpSpec(fn, session, operator)
+        def checked(ctx: Context, caller: Caller, a: Args, req_id: int) -> Any:
+            _needs_session(caller, a)
+            return fn(ctx, caller, a, req_id)
+
+        OPS[name] = OpSpec(checked if session else fn, operator)
         return fn
 
     return register
 
 
-def _s(conn: Connection) -> Session:
-    assert conn.session is not None  # dispatch checks OpSpec.session
-    return conn.session
+def session_op(name: str) -> Callable[[SessionHandler], SessionHandler]:
+    """Register a handler that acts for the caller's session and needs nothing else."""
+
+    def register(fn: SessionHandler) -> SessionHandler:
+        def call(ctx: Context, caller: Caller, a: Args, req_id: int) -> Any:
+            return fn(ctx, _needs_session(caller, a), a)
+
+        OPS[name] = OpSpec(call, operator=False)
+        return fn
+
+    return register
 
 
 def _folios(folios: list[tuple[int, int]]) -> list[list[int]]:
@@ -65,62 +79,61 @@ def _folios(folios: list[tuple[int, int]]) -> list[list[int]]:
 # --------------------------------------------------------------------------- sessions
 
 
-@op("hello", session=False)
-def _hello(srv: Server, conn: Connection, a: Args, _: int) -> Any:
-    name = a.string("name", 64)
+@op("hello")
+def _hello(ctx: Context, caller: Caller, a: Args, _: int) -> Any:
+    name = a.string("name", MAX_NAME)
     persistent = a.flag("persistent")
     a.done()
-    if conn.session is not None and conn.session.name != name:
-        raise einval(f"this connection already speaks for session {conn.session.name!r}")
-    s, created = srv.engine.hello(conn.peer.uid, name, persistent)
-    s.connections.add(conn.id)
-    conn.session = s
-    srv.log.info(
-        "session.hello", session=name, uid=conn.peer.uid, created=created, persistent=persistent
+    if caller.session is not None and caller.session.name != name:
+        raise einval(f"this connection already speaks for session {caller.session.name!r}")
+    s, created = ctx.engine.hello(caller.peer.uid, name, persistent, caller.key)
+    caller.session = s
+    ctx.log.info(
+        "session.hello", session=name, uid=caller.peer.uid, created=created, persistent=persistent
     )
     return {
         "session": name,
         "created": created,
         "uid": s.uid,
         "persistent": s.persistent,
-        "generation": srv.engine.generation,
+        "generation": ctx.engine.generation,
         "incoming": s.incoming is not None,
         "incoming_bytes": s.incoming.unclaimed.total_bytes() if s.incoming else 0,
     }
 
 
-@op("region")
-def _region(srv: Server, conn: Connection, a: Args, _: int) -> Any:
+@op("region", session=True)
+def _region(ctx: Context, caller: Caller, a: Args, _: int) -> Any:
     a.done()
-    r = srv.engine.region
-    if r.backend == "devmem" and not conn.peer.is_root:
+    r = ctx.engine.region
+    if r.backend == "devmem" and not caller.peer.is_root:
         raise eperm("the devmem backend's fd is /dev/mem itself; only root may receive it")
     info = {"base": r.base, "size": r.size, "map_offset": r.map_offset, "backend": r.backend}
-    return WithFds(info, [r.fileno()])
+    return Outcome(info, fds=(r.fileno(),))
 
 
-@op("subscribe")
-def _subscribe(srv: Server, conn: Connection, a: Args, _: int) -> Any:
+@op("subscribe", session=True)
+def _subscribe(ctx: Context, caller: Caller, a: Args, _: int) -> Any:
     events = a.strings("events", EVENTS)
     a.done()
-    conn.subscriptions = set(events)
-    return {"events": sorted(conn.subscriptions)}
+    caller.events = frozenset(events)
+    return {"events": sorted(caller.events)}
 
 
-@op("notify_reply")
-def _notify_reply(srv: Server, conn: Connection, a: Args, _: int) -> Any:
+@op("notify_reply", session=True)
+def _notify_reply(ctx: Context, caller: Caller, a: Args, _: int) -> Any:
     token = a.u64("token")
     ok = a.flag("ok", default=True)
     reason = a.opt_string("reason", 512) or ""
     error = a.opt_string("error", 512)
     a.done()
     status = "error" if error is not None else ("ok" if ok else "veto")
-    srv.answer(conn, token, status, error or reason)
+    ctx.lifecycle.answer(caller.key, token, status, error or reason)
     return {}
 
 
-@op("ping", session=False)
-def _ping(srv: Server, conn: Connection, a: Args, _: int) -> Any:
+@op("ping")
+def _ping(ctx: Context, caller: Caller, a: Args, _: int) -> Any:
     a.done()
     return {}
 
@@ -128,259 +141,244 @@ def _ping(srv: Server, conn: Connection, a: Args, _: int) -> Any:
 # --------------------------------------------------------------------------- memory
 
 
-@op("alloc_folio")
-def _alloc_folio(srv: Server, conn: Connection, a: Args, _: int) -> Any:
+@session_op("alloc_folio")
+def _alloc_folio(ctx: Context, s: Session, a: Args) -> Any:
     order = a.order()
     a.done()
-    return {"phys": srv.engine.alloc_folio(_s(conn), order), "order": order}
+    return {"phys": ctx.engine.alloc_folio(s, order), "order": order}
 
 
-@op("alloc_folios")
-def _alloc_folios(srv: Server, conn: Connection, a: Args, _: int) -> Any:
+@session_op("alloc_folios")
+def _alloc_folios(ctx: Context, s: Session, a: Args) -> Any:
     order = a.order()
-    count = a.count("count", srv.config.limits.max_batch)
+    count = a.count("count", ctx.max_batch)
     a.done()
-    return {"phys": srv.engine.alloc_folios(_s(conn), order, count), "order": order}
+    return {"phys": ctx.engine.alloc_folios(s, order, count), "order": order}
 
 
-@op("free_folio")
-def _free_folio(srv: Server, conn: Connection, a: Args, _: int) -> Any:
+@session_op("free_folio")
+def _free_folio(ctx: Context, s: Session, a: Args) -> Any:
     phys = a.u64("phys")
     a.done()
-    srv.engine.free_folio(_s(conn), phys)
+    ctx.engine.free_folio(s, phys)
     return {}
 
 
-@op("free_folios")
-def _free_folios(srv: Server, conn: Connection, a: Args, _: int) -> Any:
-    phys = a.u64s("phys", srv.config.limits.max_batch)
+@session_op("free_folios")
+def _free_folios(ctx: Context, s: Session, a: Args) -> Any:
+    phys = a.u64s("phys", ctx.max_batch)
     a.done()
-    return {"count": srv.engine.free_folios(_s(conn), phys)}
+    return {"count": ctx.engine.free_folios(s, phys)}
 
 
 # --------------------------------------------------------------------------- preservation
 
 
-@op("preserve_folio")
-def _preserve_folio(srv: Server, conn: Connection, a: Args, _: int) -> Any:
+@session_op("preserve_folio")
+def _preserve_folio(ctx: Context, s: Session, a: Args) -> Any:
     phys = a.u64("phys")
     order = a.opt_order()
     a.done()
-    with srv.lock.read():
-        return {"order": srv.engine.preserve_folio(_s(conn), phys, order)}
+    return {"order": ctx.engine.preserve_folio(s, phys, order)}
 
 
-@op("unpreserve_folio")
-def _unpreserve_folio(srv: Server, conn: Connection, a: Args, _: int) -> Any:
+@session_op("unpreserve_folio")
+def _unpreserve_folio(ctx: Context, s: Session, a: Args) -> Any:
     phys = a.u64("phys")
     order = a.opt_order()
     a.done()
-    with srv.lock.read():
-        return {"order": srv.engine.unpreserve_folio(_s(conn), phys, order)}
+    return {"order": ctx.engine.unpreserve_folio(s, phys, order)}
 
 
-@op("preserve_folios")
-def _preserve_folios(srv: Server, conn: Connection, a: Args, _: int) -> Any:
-    phys = a.u64s("phys", srv.config.limits.max_batch)
+@session_op("preserve_folios")
+def _preserve_folios(ctx: Context, s: Session, a: Args) -> Any:
+    phys = a.u64s("phys", ctx.max_batch)
     orders = a.orders("orders", int(phys.size))
     a.done()
-    with srv.lock.read():
-        return {"count": srv.engine.preserve_folios(_s(conn), phys, orders)}
+    return {"count": ctx.engine.preserve_folios(s, phys, orders)}
 
 
-@op("unpreserve_folios")
-def _unpreserve_folios(srv: Server, conn: Connection, a: Args, _: int) -> Any:
-    phys = a.u64s("phys", srv.config.limits.max_batch)
+@session_op("unpreserve_folios")
+def _unpreserve_folios(ctx: Context, s: Session, a: Args) -> Any:
+    phys = a.u64s("phys", ctx.max_batch)
     orders = a.orders("orders", int(phys.size))
     a.done()
-    with srv.lock.read():
-        return {"count": srv.engine.unpreserve_folios(_s(conn), phys, orders)}
+    return {"count": ctx.engine.unpreserve_folios(s, phys, orders)}
 
 
-@op("preserve_phys")
-def _preserve_phys(srv: Server, conn: Connection, a: Args, _: int) -> Any:
+@session_op("preserve_phys")
+def _preserve_phys(ctx: Context, s: Session, a: Args) -> Any:
     phys, size = a.u64("phys"), a.u64("size")
     a.done()
-    with srv.lock.read():
-        return {"folios": _folios(srv.engine.preserve_phys(_s(conn), phys, size))}
+    return {"folios": _folios(ctx.engine.preserve_ranges(s, [(phys, size)]))}
 
 
-@op("unpreserve_phys")
-def _unpreserve_phys(srv: Server, conn: Connection, a: Args, _: int) -> Any:
+@session_op("unpreserve_phys")
+def _unpreserve_phys(ctx: Context, s: Session, a: Args) -> Any:
     phys, size = a.u64("phys"), a.u64("size")
     a.done()
-    with srv.lock.read():
-        return {"folios": _folios(srv.engine.unpreserve_phys(_s(conn), phys, size))}
+    return {"folios": _folios(ctx.engine.unpreserve_ranges(s, [(phys, size)]))}
 
 
-def _ranges(srv: Server, a: Args) -> list[tuple[int, int]]:
-    phys = a.u64s("phys", srv.config.limits.max_batch)
-    sizes = a.u64s("sizes", srv.config.limits.max_batch)
+def _ranges(ctx: Context, a: Args) -> list[tuple[int, int]]:
+    phys = a.u64s("phys", ctx.max_batch)
+    sizes = a.u64s("sizes", ctx.max_batch)
     a.done()
     if phys.size != sizes.size:
         raise einval(f"{a.op}: {phys.size} addresses but {sizes.size} sizes")
     return list(zip(phys.tolist(), sizes.tolist(), strict=True))
 
 
-@op("preserve_phys_ranges")
-def _preserve_ranges(srv: Server, conn: Connection, a: Args, _: int) -> Any:
-    ranges = _ranges(srv, a)
-    with srv.lock.read():
-        return {"folios": len(srv.engine.preserve_ranges(_s(conn), ranges))}
+@session_op("preserve_phys_ranges")
+def _preserve_ranges(ctx: Context, s: Session, a: Args) -> Any:
+    return {"folios": len(ctx.engine.preserve_ranges(s, _ranges(ctx, a)))}
 
 
-@op("unpreserve_phys_ranges")
-def _unpreserve_ranges(srv: Server, conn: Connection, a: Args, _: int) -> Any:
-    ranges = _ranges(srv, a)
-    with srv.lock.read():
-        return {"folios": len(srv.engine.unpreserve_ranges(_s(conn), ranges))}
+@session_op("unpreserve_phys_ranges")
+def _unpreserve_ranges(ctx: Context, s: Session, a: Args) -> Any:
+    return {"folios": len(ctx.engine.unpreserve_ranges(s, _ranges(ctx, a)))}
 
 
 # --------------------------------------------------------------------------- restore
 
 
-@op("restore_folio")
-def _restore_folio(srv: Server, conn: Connection, a: Args, _: int) -> Any:
+def _count_restored(ctx: Context, nbytes: int) -> None:
+    if ctx.metrics is not None:
+        ctx.metrics.restored(nbytes)
+
+
+@session_op("restore_folio")
+def _restore_folio(ctx: Context, s: Session, a: Args) -> Any:
     phys = a.u64("phys")
     a.done()
-    order = srv.engine.restore_folio(_s(conn), phys)
-    if srv.metrics is not None:
-        srv.metrics.restored(4096 << order)
+    order = ctx.engine.restore_folio(s, phys)
+    _count_restored(ctx, folio_bytes(order))
     return {"phys": phys, "order": order}
 
 
-@op("restore_folios")
-def _restore_folios(srv: Server, conn: Connection, a: Args, _: int) -> Any:
-    phys = a.u64s("phys", srv.config.limits.max_batch)
+@session_op("restore_folios")
+def _restore_folios(ctx: Context, s: Session, a: Args) -> Any:
+    phys = a.u64s("phys", ctx.max_batch)
     a.done()
-    orders = srv.engine.restore_folios(_s(conn), phys)
-    if srv.metrics is not None:
-        srv.metrics.restored(sum(4096 << o for o in orders))
+    orders = ctx.engine.restore_folios(s, phys)
+    _count_restored(ctx, sum(folio_bytes(o) for o in orders))
     return {"orders": orders}
 
 
-@op("restore_phys")
-def _restore_phys(srv: Server, conn: Connection, a: Args, _: int) -> Any:
+@session_op("restore_phys")
+def _restore_phys(ctx: Context, s: Session, a: Args) -> Any:
     phys, size = a.u64("phys"), a.u64("size")
     a.done()
-    folios = srv.engine.restore_phys(_s(conn), phys, size)
-    if srv.metrics is not None:
-        srv.metrics.restored(size)
+    folios = ctx.engine.restore_phys(s, phys, size)
+    _count_restored(ctx, size)
     return {"folios": _folios(folios)}
 
 
 # --------------------------------------------------------------------------- tree
 
 
-@op("add_node")
-def _add_node(srv: Server, conn: Connection, a: Args, _: int) -> Any:
+@session_op("add_node")
+def _add_node(ctx: Context, s: Session, a: Args) -> Any:
     path = a.string("path", MAX_PATH)
     a.done()
-    with srv.lock.read("the KHO tree"):
-        return {"created": _s(conn).tree.add_node(path)}
+    return {"created": ctx.engine.add_node(s, path)}
 
 
-@op("add_prop")
-def _add_prop(srv: Server, conn: Connection, a: Args, _: int) -> Any:
-    path, name = a.string("path", MAX_PATH), a.string("name", 64)
+@session_op("add_prop")
+def _add_prop(ctx: Context, s: Session, a: Args) -> Any:
+    path, name = a.string("path", MAX_PATH), a.string("name", MAX_NAME)
     value = a.blob("value", MAX_VALUE)
     a.done()
-    with srv.lock.read("the KHO tree"):
-        return {"added": _s(conn).tree.add_prop(path, name, value)}
+    return {"added": ctx.engine.add_prop(s, path, name, value)}
 
 
-@op("add_string_prop")
-def _add_string_prop(srv: Server, conn: Connection, a: Args, _: int) -> Any:
-    path, name = a.string("path", MAX_PATH), a.string("name", 64)
+@session_op("add_string_prop")
+def _add_string_prop(ctx: Context, s: Session, a: Args) -> Any:
+    path, name = a.string("path", MAX_PATH), a.string("name", MAX_NAME)
     value = a.string("value", MAX_VALUE)
     a.done()
-    with srv.lock.read("the KHO tree"):
-        return {"added": _s(conn).tree.add_string_prop(path, name, value)}
+    return {"added": ctx.engine.add_string_prop(s, path, name, value)}
 
 
-@op("remove_node")
-def _remove_node(srv: Server, conn: Connection, a: Args, _: int) -> Any:
+@session_op("remove_node")
+def _remove_node(ctx: Context, s: Session, a: Args) -> Any:
     path = a.string("path", MAX_PATH)
     a.done()
-    with srv.lock.read("the KHO tree"):
-        _s(conn).tree.remove_node(path)
+    ctx.engine.remove_node(s, path)
     return {}
 
 
-@op("remove_prop")
-def _remove_prop(srv: Server, conn: Connection, a: Args, _: int) -> Any:
-    path, name = a.string("path", MAX_PATH), a.string("name", 64)
+@session_op("remove_prop")
+def _remove_prop(ctx: Context, s: Session, a: Args) -> Any:
+    path, name = a.string("path", MAX_PATH), a.string("name", MAX_NAME)
     a.done()
-    with srv.lock.read("the KHO tree"):
-        return {"value": _s(conn).tree.remove_prop(path, name)}
+    return {"value": ctx.engine.remove_prop(s, path, name)}
 
 
-@op("get_node")
-def _get_node(srv: Server, conn: Connection, a: Args, _: int) -> Any:
+@session_op("get_node")
+def _get_node(ctx: Context, s: Session, a: Args) -> Any:
     path = a.string("path", MAX_PATH)
     which = a.opt_string("tree", 3) or "in"
     a.done()
-    return srv.engine.get_node(_s(conn), path, which)
+    return ctx.engine.get_node(s, path, which)
 
 
-@op("get_prop")
-def _get_prop(srv: Server, conn: Connection, a: Args, _: int) -> Any:
-    path, name = a.string("path", MAX_PATH), a.string("name", 64)
+@session_op("get_prop")
+def _get_prop(ctx: Context, s: Session, a: Args) -> Any:
+    path, name = a.string("path", MAX_PATH), a.string("name", MAX_NAME)
     which = a.opt_string("tree", 3) or "in"
     a.done()
-    return {"value": srv.engine.get_prop(_s(conn), path, name, which)}
+    return {"value": ctx.engine.get_prop(s, path, name, which)}
 
 
 # --------------------------------------------------------------------------- operator
 
 
-@op("status", session=False)
-def _status(srv: Server, conn: Connection, a: Args, _: int) -> Any:
+@op("status")
+def _status(ctx: Context, caller: Caller, a: Args, _: int) -> Any:
     a.done()
-    out = srv.engine.status()
-    out["connections"] = len(srv.conns)
-    out["frozen"] = srv.lock.frozen
-    return out
+    e, life = ctx.engine, ctx.lifecycle
+    return Status(
+        state=str(life.state),
+        generation=e.generation,
+        pid=os.getpid(),
+        region=e.region_usage(),
+        sessions=e.session_infos(),
+        incoming=e.incoming_info(),
+        last_finalize=life.last_finalize,
+        connections=ctx.connection_count(),
+        frozen=e.frozen,
+    )
 
 
-@op("fdt", session=False, operator=True)
-def _fdt(srv: Server, conn: Connection, a: Args, _: int) -> Any:
+@op("fdt", operator=True)
+def _fdt(ctx: Context, caller: Caller, a: Args, _: int) -> Any:
     which = a.string("which", 3)
     a.done()
-    return {"fdt": srv.engine.fdt(which)}
+    return {"fdt": ctx.engine.fdt(which)}
 
 
-@op("finalize", session=False, operator=True)
-def _finalize(srv: Server, conn: Connection, a: Args, req_id: int) -> Awaitable[Any]:
+@op("finalize", operator=True)
+def _finalize(ctx: Context, caller: Caller, a: Args, req_id: int) -> Awaitable[Any]:
     a.done()
-    return srv.finalize(conn, req_id)
+    return ctx.lifecycle.finalize(ctx.progress(caller, req_id))
 
 
-@op("unfreeze", session=False, operator=True)
-def _unfreeze(srv: Server, conn: Connection, a: Args, req_id: int) -> Awaitable[Any]:
+@op("unfreeze", operator=True)
+def _unfreeze(ctx: Context, caller: Caller, a: Args, req_id: int) -> Awaitable[Any]:
     a.done()
-    return srv.unfreeze(conn, req_id)
+    return ctx.lifecycle.unfreeze(ctx.progress(caller, req_id))
 
 
-@op("handover", session=False, operator=True)
-def _handover(srv: Server, conn: Connection, a: Args, _: int) -> Any:
+@op("handover", operator=True)
+def _handover(ctx: Context, caller: Caller, a: Args, _: int) -> Any:
     a.done()
-    if srv.lifecycle.locked():
-        raise KhoError(Errno.EBUSY, "a finalize or unfreeze is in progress")
-    generation = srv.hand_over()
-    conn.after_reply = lambda: srv.request_stop("handover")
-    return {"generation": generation}
+    generation = ctx.lifecycle.hand_over()
+    return Outcome({"generation": generation}, after=lambda: ctx.request_stop("handover"))
 
 
-@op("release_unclaimed", session=False, operator=True)
-def _release_unclaimed(srv: Server, conn: Connection, a: Args, _: int) -> Any:
-    name = a.opt_string("session", 64)
+@op("release_unclaimed", operator=True)
+def _release_unclaimed(ctx: Context, caller: Caller, a: Args, _: int) -> Any:
+    name = a.opt_string("session", MAX_NAME)
     a.done()
-    out = srv.engine.release_unclaimed(name)
-    srv.log.info(
-        "incoming.released",
-        session=name or "*",
-        bytes=out["released_bytes"],
-        dropped=",".join(out["dropped_sessions"]) or None,
-    )
-    return out
+    return ctx.lifecycle.release_unclaimed(name)

@@ -25,8 +25,8 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-from khod.abi import PAGE_SHIFT, PAGE_SIZE
 from khod.errors import KhoError, ebusy, einval
+from khod.pages import PAGE_SHIFT, PAGE_SIZE
 
 BACKENDS = ("file", "devmem", "dax")
 

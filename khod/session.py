@@ -13,12 +13,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
-from khod.abi import NR_ORDERS
-from khod.handover import SESSION_PROPS
-from khod.tracker import Tracker
-from khod.tree import Node, Tree, TreeLimits
-
-I64 = npt.NDArray[np.int64]
+from khod.kho.handover import SESSION_PROPS
+from khod.kho.tracker import Tracker
+from khod.kho.tree import Node, Tree, TreeLimits
+from khod.pages import I64, NR_ORDERS, folio_bytes
 
 
 @dataclass
@@ -99,13 +97,13 @@ class Session:
 
     @property
     def allocated_bytes(self) -> int:
-        return sum(4096 << o for o in self.allocs.values())
+        return sum(folio_bytes(o) for o in self.allocs.values())
 
     def __repr__(self) -> str:
         return f"<Session {self.name!r} uid={self.uid} folios={self.tracker.count()}>"
 
 
-@dataclass
+@dataclass(frozen=True)
 class Peer:
     """Who is on the other end of a connection (SO_PEERCRED at accept)."""
 

@@ -30,6 +30,11 @@ def notify(*lines: str) -> bool:
     return True
 
 
+def status(text: str) -> None:
+    """Show ``text`` as the service's status line (``systemctl status``)."""
+    notify(f"STATUS={text}")
+
+
 def watchdog_interval() -> float | None:
     """Seconds between keep-alives (half of WatchdogSec), or None when not asked for."""
     usec = os.environ.get("WATCHDOG_USEC")

@@ -12,10 +12,10 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 from khod.allocator import Allocator
-from khod.engine import allocator_for as engine_allocator
-from khod.engine import layout
+from khod.kho.memory import ScratchRange
 from khod.region import Region, open_region
-from khod.serial import ScratchRange
+from khod.startup import allocator_for as engine_allocator
+from khod.startup import layout
 
 settings.register_profile(
     "khod",

@@ -20,12 +20,14 @@ import trio
 from khoclient import Client
 
 from khod.config import Config, from_mapping
-from khod.engine import start_engine
+from khod.lifecycle import Lifecycle
 from khod.log import Log
 from khod.main import engine_limits
 from khod.metrics import Metrics
+from khod.ops import OPS
 from khod.region import open_region
-from khod.server import Server, bind_unix
+from khod.server import Connections, Server, bind_unix
+from khod.startup import start_engine
 
 BASE = 0x1_0000_0000
 
@@ -151,15 +153,27 @@ async def inproc_daemon(
     r = cfg.region
     region = open_region(r.backend, r.path, base=r.base, size=r.size)
     try:
-        engine, info = start_engine(region, scratch_size=r.scratch_size, limits=engine_limits(cfg))
+        engine, info = start_engine(
+            region, scratch_size=r.scratch_size, pid=os.getpid(), limits=engine_limits(cfg)
+        )
         buf = io.StringIO()
         log = Log("debug", stream=buf)
-        m = Metrics(engine, info, listen=cfg.metrics.listen, log=log) if with_metrics else None
-        server = Server(engine, cfg, log, hook=lambda p: None, handle_signals=False, metrics=m)
+        conns = Connections()
+        m = None
+        if with_metrics:
+            m = Metrics(engine, info, conns, ops=OPS, listen=cfg.metrics.listen, log=log)
+        lifecycle = Lifecycle(
+            engine,
+            conns,
+            notifier_timeout_s=cfg.server.notifier_timeout_s,
+            handover_on_stop=cfg.server.handover_on_stop,
+            log=log,
+            metrics=m,
+        )
+        server = Server(engine, lifecycle, conns, cfg, log, handle_signals=False, metrics=m)
         listener, _ = bind_unix(cfg.server.socket, cfg.server.socket_mode, "")
         async with trio.open_nursery() as nursery:
             if m is not None:
-                m.server = server
                 await m.serve(nursery)
             await nursery.start(server.run, [listener])
             try:

@@ -9,25 +9,19 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from khod.abi import (
+from khod.errors import Fault, HandoverError, KhoError
+from khod.kho.abi import (
     BITMAP_BYTES,
     CHUNK_ENTRIES,
-    MAX_ORDER,
-    PAGE_SIZE,
-    HandoverRecord,
-    RecordState,
     decode_bitmap,
     decode_chunk,
-    decode_record,
     encode_bitmap,
     encode_chunk,
-    record_present,
-    split_range,
 )
-from khod.errors import Fault, HandoverError, KhoError
-from khod.handover import read_record
-from khod.serial import deserialize, serialize
-from khod.tracker import Tracker
+from khod.kho.chunklist import deserialize, serialize
+from khod.kho.record import HandoverRecord, RecordState, decode_record, read_record, record_present
+from khod.kho.tracker import Tracker
+from khod.pages import MAX_ORDER, PAGE_SIZE, split_range
 
 from .conftest import MakeRegion, allocator_for
 

@@ -8,9 +8,9 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from khod.abi import PAGE_SHIFT
 from khod.allocator import Allocator
 from khod.errors import Errno, KhoError
+from khod.pages import PAGE_SHIFT
 
 BASE = 0x100000
 PAGES = 1 << 14  # 64 MiB

@@ -1,4 +1,8 @@
-"""A crash at any named point leaves either a complete handover or none."""
+"""A crash at any named point leaves either a complete handover or none.
+
+Every member of :class:`FaultPoint` is killed at by one of the tests below,
+and each asserts the daemon said it reached that point before dying.
+"""
 
 from __future__ import annotations
 
@@ -8,18 +12,21 @@ from pathlib import Path
 import pytest
 from khoclient import KhoError
 
-from khod import faults
-from khod.abi import RecordState, decode_record
+from khod.faults import FaultPoint
+from khod.kho.handover import CommitStep
+from khod.kho.record import RecordState, decode_record
 
 from .helpers import Daemon, daemon_running, pattern, sha, start_daemon
 
-BEFORE_COMMIT = ["finalize-notified", "serialize", "fdt", "commit"]
-AFTER_COMMIT = ["committed", "handover"]
-POPULATE = ["populate-validated", "populate-reserved", "populate-record"]
+F = FaultPoint
+BEFORE_COMMIT = [F.FINALIZE_NOTIFIED, F.SERIALIZE, F.FDT_WRITTEN, F.FLUSHED]
+AFTER_COMMIT = [F.COMMITTED, F.HANDOVER]
+POPULATE = [F.POPULATE_VALIDATED, F.POPULATE_RESERVED, F.POPULATE_RECORD]
 
 
 def test_every_fault_point_is_covered() -> None:
-    assert set(faults.POINTS) == set(BEFORE_COMMIT + AFTER_COMMIT + POPULATE)
+    assert sorted(BEFORE_COMMIT + AFTER_COMMIT + POPULATE) == sorted(FaultPoint)
+    assert {str(s) for s in CommitStep} <= {str(p) for p in FaultPoint}
 
 
 def record_state(d: Path) -> RecordState:
@@ -70,12 +77,12 @@ def finalize_and_hand_over(d: Daemon) -> None:
 
 
 @pytest.mark.parametrize("point", BEFORE_COMMIT)
-def test_crash_before_commit_leaves_no_handover(shm_dir: Path, point: str) -> None:
+def test_crash_before_commit_leaves_no_handover(shm_dir: Path, point: FaultPoint) -> None:
     d = start_daemon(shm_dir, env={"KHOD_FAULT": point})
     prepare(d)
     finalize_and_hand_over(d)
     assert d.wait() == -signal.SIGKILL
-    assert f"fault point {point!r}" in d.logs()
+    assert f"fault point {str(point)!r}" in d.logs()
     assert record_state(shm_dir) is RecordState.LIVE
     # no handover: the successor will not guess; it refuses until told to reset
     succ = start_daemon(shm_dir, wait_ready=False)
@@ -83,22 +90,24 @@ def test_crash_before_commit_leaves_no_handover(shm_dir: Path, point: str) -> No
 
 
 @pytest.mark.parametrize("point", AFTER_COMMIT)
-def test_crash_after_commit_leaves_a_complete_handover(shm_dir: Path, point: str) -> None:
+def test_crash_after_commit_leaves_a_complete_handover(shm_dir: Path, point: FaultPoint) -> None:
     d = start_daemon(shm_dir, env={"KHOD_FAULT": point})
     expect = prepare(d)
     finalize_and_hand_over(d)
     assert d.wait() == -signal.SIGKILL
+    assert f"fault point {str(point)!r}" in d.logs()
     assert record_state(shm_dir) is RecordState.HANDOVER
     verify_complete(shm_dir, expect)
 
 
 @pytest.mark.parametrize("point", POPULATE)
-def test_crash_during_populate_keeps_the_handover(shm_dir: Path, point: str) -> None:
+def test_crash_during_populate_keeps_the_handover(shm_dir: Path, point: FaultPoint) -> None:
     with daemon_running(shm_dir) as d:
         expect = prepare(d)
         finalize_and_hand_over(d)
         assert d.wait() == 0
     crashed = start_daemon(shm_dir, env={"KHOD_FAULT": point}, wait_ready=False)
     assert crashed.wait() == -signal.SIGKILL
+    assert f"fault point {str(point)!r}" in crashed.logs()
     assert record_state(shm_dir) is RecordState.HANDOVER
     verify_complete(shm_dir, expect)

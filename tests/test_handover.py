@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import struct
 import zlib
 from collections.abc import Callable
@@ -9,23 +10,18 @@ from dataclasses import dataclass, replace
 
 import pytest
 
-from khod.abi import PAGE_SHIFT, PAGE_SIZE, RecordState
 from khod.allocator import Allocator
-from khod.dtb import from_dtb, to_dtb
 from khod.errors import Fault, HandoverError
-from khod.handover import (
-    Committed,
-    SessionImage,
-    commit,
-    live_record,
-    read_handover,
-    read_record,
-    write_record,
-)
+from khod.kho.chunklist import deserialize
+from khod.kho.dtb import from_dtb, to_dtb
+from khod.kho.handover import Committed, SessionImage, commit, read_handover
+from khod.kho.memory import ScratchRange
+from khod.kho.props import u32
+from khod.kho.record import RecordState, live_record, read_record, write_record
+from khod.kho.tracker import Tracker
+from khod.kho.tree import Tree
+from khod.pages import PAGE_SHIFT, PAGE_SIZE, split_range
 from khod.region import Region, open_region
-from khod.serial import ScratchRange, deserialize
-from khod.tracker import Tracker
-from khod.tree import Tree, u32
 
 from .conftest import BASE, MakeRegion, allocator_for
 
@@ -43,13 +39,14 @@ class Setup:
 def build(region: Region) -> Setup:
     """A 'vmm' session with order-9 folios and a subtree, a 'db' with order-0 pages."""
     alloc, scratch = allocator_for(region)
-    write_record(region, live_record(region, scratch, 0))
+    write_record(region, live_record(region, scratch, 0, os.getpid()))
     vmm, db = Tracker(), Tracker()
     vmm_folios = [alloc.alloc(9) for _ in range(3)]
     for pfn in vmm_folios:
         vmm.preserve_folio(pfn, 9)
     block = alloc.alloc(4)
-    db.preserve_phys(block << PAGE_SHIFT, 5 * PAGE_SIZE)  # pages 0-3 as order 2, 4 as order 0
+    split = split_range(block, 5)  # pages 0-3 as order 2, 4 as order 0
+    db.preserve_folios([p for p, _ in split], [o for _, o in split])
     db_folios = [alloc.alloc(0) for _ in range(4)]
     db.preserve_folios(db_folios, 0)
     tree = Tree()
@@ -61,6 +58,7 @@ def build(region: Region) -> Setup:
         scratch,
         1,
         [SessionImage("vmm", 1000, vmm, tree.root), SessionImage("db", 1001, db)],
+        owner_pid=os.getpid(),
     )
     return Setup(region, alloc, scratch, committed, vmm_folios, db_folios)
 
@@ -86,7 +84,7 @@ def test_round_trip(setup: Setup) -> None:
     assert sorted(inc.sessions) == ["db", "vmm"]
     vmm, db = inc.sessions["vmm"], inc.sessions["db"]
     assert (vmm.uid, db.uid) == (1000, 1001)
-    assert vmm.memory.folios(9).tolist() == setup.vmm_folios
+    assert vmm.memory.tracker.folios(9).tolist() == setup.vmm_folios
     assert db.memory.tracker.count() == 2 + 4
     assert vmm.subtree.children["machine"].props == {"vcpus": u32(4)}
     assert "owner-uid" not in vmm.subtree.props  # khod's own props are stripped
@@ -98,7 +96,7 @@ def test_round_trip(setup: Setup) -> None:
 def test_commit_failure_leaves_no_handover_and_no_pages(make_region: MakeRegion) -> None:
     region = make_region()
     alloc, scratch = allocator_for(region)
-    write_record(region, live_record(region, scratch, 0))
+    write_record(region, live_record(region, scratch, 0, os.getpid()))
     t = Tracker()
     t.preserve_folio(alloc.alloc(3), 3)
     before = alloc.usage()
@@ -108,7 +106,7 @@ def test_commit_failure_leaves_no_handover_and_no_pages(make_region: MakeRegion)
             raise RuntimeError("crash just before the commit point")
 
     with pytest.raises(RuntimeError):
-        commit(region, alloc, scratch, 1, [SessionImage("s", 0, t)], hook=die)
+        commit(region, alloc, scratch, 1, [SessionImage("s", 0, t)], owner_pid=1, hook=die)
     rec = read_record(region)
     assert rec is not None
     assert rec.state is RecordState.LIVE

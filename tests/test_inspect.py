@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from khoclient import ctl
 
-from khod.abi import PAGE_SHIFT, PAGE_SIZE
 from khod.errors import Fault
+from khod.pages import PAGE_SHIFT, PAGE_SIZE
 
 from . import test_handover as th
 from .test_khoctl import khoctl

@@ -16,7 +16,7 @@ import trio
 from khoclient import AsyncClient, KhoError, Veto
 from prometheus_client.parser import text_string_to_metric_families
 
-from khod.abi import decode_record
+from khod.kho.record import decode_record
 
 from .helpers import daemon_running, inproc_daemon, start_daemon, write_config
 

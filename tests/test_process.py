@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 from khoclient import Client, KhoError
 
-from khod.abi import RecordState, decode_record
 from khod.errors import Errno
+from khod.kho.record import RecordState, decode_record
 
 from .helpers import daemon_running, sha, start_daemon, write_config
 
@@ -88,7 +88,7 @@ def test_corrupted_handover_is_refused_and_left_alone(shm_dir: Path) -> None:
         fdt_phys = rec.fdt_phys
         f.seek(fdt_phys - rec.region_base)
         blob = f.read(rec.fdt_size)
-    from khod.dtb import from_dtb
+    from khod.kho.dtb import from_dtb
 
     first = struct.unpack("<Q", from_dtb(blob).children["preserved-memory"].props["metadata"])[0]
     with open(region, "r+b") as f:

@@ -7,12 +7,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from khod.abi import CHUNK_ENTRIES, MAX_ORDER, PAGE_SHIFT
 from khod.allocator import Allocator
 from khod.errors import Errno, KhoError
+from khod.kho.abi import CHUNK_ENTRIES
+from khod.kho.chunklist import deserialize, serialize
+from khod.kho.memory import ScratchRange
+from khod.kho.tracker import Tracker
+from khod.pages import MAX_ORDER, PAGE_SHIFT
 from khod.region import Region
-from khod.serial import ScratchRange, deserialize, serialize
-from khod.tracker import Tracker
 
 from .conftest import BASE, MakeRegion, allocator_for
 

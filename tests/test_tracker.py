@@ -8,9 +8,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from khod.abi import MAX_ORDER, PAGE_SHIFT, split_range
 from khod.errors import Errno, KhoError
-from khod.tracker import Tracker
+from khod.kho.tracker import Tracker
+from khod.pages import MAX_ORDER, PAGE_SHIFT, split_range
 
 
 def folio(draw: st.DrawFn, space: int = 1 << 20) -> tuple[int, int]:
@@ -104,9 +104,11 @@ class TrackerMachine(RuleBasedStateMachine):
         parts = split_range(start, n)
         if any(self.m.overlaps(p, o) for p, o in parts):
             with pytest.raises(KhoError):
-                self.t.preserve_phys(start << PAGE_SHIFT, n << PAGE_SHIFT)
+                self.t.preserve_folios([p for p, _ in parts], [o for _, o in parts])
         else:
-            assert self.t.preserve_phys(start << PAGE_SHIFT, n << PAGE_SHIFT) == parts
+            assert self.t.preserve_folios([p for p, _ in parts], [o for _, o in parts]) == len(
+                parts
+            )
             self.m.folios.update(parts)
 
     @invariant()
@@ -144,7 +146,8 @@ def test_rules_and_messages() -> None:
         t.unpreserve_folio(0x100200, 0)
     assert e.value.code is Errno.ENOENT
     assert t.find_order(0x100200) == 9 and t.find_order(0x100201) is None
-    assert t.covering(0x1003FF) == (0x100200, 9) and t.covering(0x100400) is None
+    inside = t.contained_mask(np.array([0x1003FF, 0x100400], dtype=np.int64), 0)
+    assert inside.tolist() == [True, False]
 
 
 @pytest.mark.parametrize(
@@ -209,20 +212,6 @@ def test_batches_are_atomic() -> None:
         t.unpreserve_folios([1000, 1001], 0)
     assert list(t.iter_folios()) == before
     assert t.memory_bytes() < 64 << 10
-
-
-def test_phys_ranges_need_page_alignment_and_exact_unpreserve() -> None:
-    t = Tracker()
-    with pytest.raises(KhoError, match="page-aligned"):
-        t.preserve_phys(0x1000, 0x1800)
-    with pytest.raises(KhoError, match="empty"):
-        t.preserve_phys(0x1000, 0)
-    assert t.preserve_phys(0x1000, 0x3000) == [(1, 0), (2, 1)]
-    with pytest.raises(KhoError) as e:
-        t.unpreserve_phys(0x1000, 0x1000 * 2)  # not the range that was preserved
-    assert e.value.code is Errno.ENOENT
-    t.unpreserve_phys(0x1000, 0x3000)
-    assert not t
 
 
 def test_memory_is_proportional_to_touched_bitmaps() -> None:

@@ -1,15 +1,18 @@
-"""Preservation set <-> chunk list of bitmaps in region pages (DESIGN §3).
+"""A preservation set <-> a chunk list of bitmaps in region pages (docs/format.md §4).
 
 ``serialize`` writes one list: orders ascending, a new chunk for each order
 and every 255 bitmaps, 512-byte bitmaps packed eight to a page. The pages
-come from the allocator (never scratch) and are returned so that unfreeze
-can give them back.
+come from the caller's page source (never scratch) and are returned so that
+unfreeze can give them back.
 
 ``deserialize`` reads a list back from untrusted memory. It trusts nothing:
 every pointer is bounds-, scratch- and alignment-checked before it is
 dereferenced, chunks must ascend, loops are caught, and the folios found
 must lie inside the region, outside scratch and not overlap. The first
 fault stops it with a :class:`HandoverError` naming the fault class.
+Whether metadata pages lie inside preserved folios is a question about the
+whole handover (every list and the FDT), so :func:`check_metadata_outside`
+answers it once for all of them.
 """
 
 from __future__ import annotations
@@ -20,22 +23,21 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
-from khod.abi import (
+from khod.errors import Fault, HandoverError, ebusy
+from khod.kho.abi import (
     BITMAP_BYTES,
     BITMAP_WORDS,
     BITMAPS_PER_PAGE,
     CHUNK_ENTRIES,
     LE_U64,
-    PAGE_SHIFT,
-    PAGE_SIZE,
+    Rows,
     bitmap_span_shift,
     decode_chunk,
     encode_chunk,
 )
-from khod.allocator import Allocator
-from khod.errors import Fault, HandoverError, ebusy
-from khod.region import Region
-from khod.tracker import I64, Rows, Tracker
+from khod.kho.memory import Memory, Pages, ScratchRange
+from khod.kho.tracker import Tracker
+from khod.pages import I64, PAGE_SHIFT, PAGE_SIZE
 
 
 @dataclass(frozen=True)
@@ -47,15 +49,6 @@ class SerializedList:
     crc32: int  # over each chunk page followed by its bitmaps, in list order
     chunks: int
     bitmaps: int
-
-
-@dataclass(frozen=True)
-class ScratchRange:
-    phys: int
-    size: int
-
-    def overlaps(self, phys: int, length: int) -> bool:
-        return self.size > 0 and phys < self.phys + self.size and self.phys < phys + length
 
 
 def _plan(tracker: Tracker) -> list[tuple[int, I64, Rows]]:
@@ -71,21 +64,21 @@ def _plan(tracker: Tracker) -> list[tuple[int, I64, Rows]]:
 
 
 def serialize(
-    tracker: Tracker, allocator: Allocator, region: Region, *, crc_seed: int = 0
+    tracker: Tracker, pages_from: Pages, region: Memory, *, crc_seed: int = 0
 ) -> SerializedList:
-    """Write ``tracker`` as a chunk list into pages taken from ``allocator``.
+    """Write ``tracker`` as a chunk list into pages taken from ``pages_from``.
 
     The CRC continues from ``crc_seed`` so that several lists can share one
     checksum (the ``metadata-crc32`` of the khod node covers them all).
     """
-    if allocator.scratch_only:
+    if pages_from.scratch_only:
         raise ebusy("cannot write metadata while only scratch may be allocated")
     plan = _plan(tracker)
     if not plan:
         return SerializedList(0, [], crc_seed, 0, 0)
     n_bitmaps = sum(keys.size for _, keys, _ in plan)
     n_bitmap_pages = -(-n_bitmaps // BITMAPS_PER_PAGE)
-    pages = allocator.alloc_pages(len(plan) + n_bitmap_pages)
+    pages = pages_from.alloc_pages(len(plan) + n_bitmap_pages)
     try:
         chunk_pfns, bitmap_pfns = pages[: len(plan)], pages[len(plan) :]
         slots = np.arange(n_bitmaps, dtype=np.int64)
@@ -111,12 +104,12 @@ def serialize(
             crc = zlib.crc32(raw[at * BITMAP_BYTES : (at + keys.size) * BITMAP_BYTES].data, crc)
             at += keys.size
     except BaseException:
-        allocator.free_many(pages)
+        pages_from.free_many(pages)
         raise
     return SerializedList(chunk_pfns[0] << PAGE_SHIFT, pages, crc, len(plan), n_bitmaps)
 
 
-def _write_pages(region: Region, pfns: list[int], raw: npt.NDArray[np.uint8]) -> None:
+def _write_pages(region: Memory, pfns: list[int], raw: npt.NDArray[np.uint8]) -> None:
     """Write consecutive 4 KiB slices of ``raw`` to ``pfns``, one copy per contiguous run."""
     i = 0
     while i < len(pfns):
@@ -139,13 +132,6 @@ class DeserializedList:
     bitmap_ptrs: list[int] = field(default_factory=list)
     crc32: int = 0
 
-    def runs(self, order: int) -> tuple[I64, I64]:
-        """Compact per-order form: (first pfn of each run, folios in the run)."""
-        return self.tracker.runs(order)
-
-    def folios(self, order: int) -> I64:
-        return self.tracker.folios(order)
-
     @property
     def metadata_pfns(self) -> list[int]:
         pages = {p >> PAGE_SHIFT for p in self.chunk_pages}
@@ -156,7 +142,7 @@ class DeserializedList:
 class PointerBounds:
     """What a pointer read from the region may point at."""
 
-    def __init__(self, region: Region, scratch: ScratchRange) -> None:
+    def __init__(self, region: Memory, scratch: ScratchRange) -> None:
         self.lo = region.base + PAGE_SIZE  # the first page is the handover record
         self.hi = region.end
         self.scratch = scratch
@@ -191,7 +177,7 @@ class PointerBounds:
 
 
 def deserialize(
-    region: Region, first_chunk: int, scratch: ScratchRange, *, crc_seed: int = 0
+    region: Memory, first_chunk: int, scratch: ScratchRange, *, crc_seed: int = 0
 ) -> DeserializedList:
     """Walk and validate one chunk list; refuse the whole list on the first fault."""
     bounds = PointerBounds(region, scratch)
@@ -249,7 +235,7 @@ def deserialize(
     return result
 
 
-def _check_folios(region: Region, scratch: ScratchRange, got: DeserializedList) -> None:
+def _check_folios(region: Memory, scratch: ScratchRange, got: DeserializedList) -> None:
     """Every folio inside the data pages, none in scratch, none overlapping another."""
     lo = (region.base >> PAGE_SHIFT) + 1
     hi = region.end >> PAGE_SHIFT
@@ -280,10 +266,13 @@ def _check_folios(region: Region, scratch: ScratchRange, got: DeserializedList) 
             Fault.OVERLAP,
             f"preserved folio pfn {a:#x} order {ao} overlaps folio pfn {b:#x} order {bo}",
         )
-    meta = np.asarray(got.metadata_pfns, dtype=np.int64)
-    inside = t.contained_mask(meta, 0)
+
+
+def check_metadata_outside(preserved: Tracker, metadata_pfns: I64) -> None:
+    """Refuse if a metadata page (chunk, bitmap or FDT page) lies inside a preserved folio."""
+    inside = preserved.contained_mask(metadata_pfns, 0)
     if inside.any():
-        pfn = int(meta[np.flatnonzero(inside)[0]])
+        pfn = int(metadata_pfns[np.flatnonzero(inside)[0]])
         raise HandoverError(
             Fault.OVERLAP, f"metadata page pfn {pfn:#x} lies inside a preserved folio"
         )

@@ -1,7 +1,7 @@
 """Tree <-> flattened devicetree blob, through the ``fdt`` package.
 
 This is the only module that imports ``fdt``; it wraps the package's known
-problems (see python-ecosystem.md §3):
+problems (fdt 0.3.x):
 
 * ``FDT(entries=[])`` is a shared mutable default that ``parse_dtb`` appends
   to -- every FDT here gets a fresh list and the shared one is emptied;
@@ -26,7 +26,7 @@ from typing import Any
 import fdt
 
 from khod.errors import Errno, KhoError
-from khod.tree import Node, TreeLimits, check_tree
+from khod.kho.tree import Node, TreeLimits, check_tree
 
 FDT_MAGIC = 0xD00DFEED
 FDT_VERSION = 17
@@ -236,19 +236,6 @@ def from_dtb(blob: bytes | bytearray | memoryview, limits: TreeLimits | None = N
     except KhoError as exc:
         raise DtbError(exc.message) from None
     return root
-
-
-def reservations(blob: bytes) -> list[tuple[int, int]]:
-    """The memory reservation entries of a DTB (after the same checks)."""
-    data = _clean(bytes(blob), TreeLimits(max_nodes=1 << 16, max_depth=32))
-    off = _HEADER.size
-    out: list[tuple[int, int]] = []
-    while True:
-        addr, size = struct.unpack_from(">QQ", data, off)
-        off += 16
-        if (addr, size) == (0, 0):
-            return out
-        out.append((addr, size))
 
 
 def _dts_value(v: bytes) -> str:

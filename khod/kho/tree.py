@@ -1,11 +1,11 @@
-"""The KHO state tree: nodes with byte-valued properties (DESIGN §3, v5 semantics).
+"""The KHO state tree: nodes with byte-valued properties (docs/format.md §6, v5 semantics).
 
 Each session owns one :class:`Tree` whose root becomes the session's node
 in the FDT. Edits follow KHO v5: adding a property that is already there
 with the same bytes is a successful no-op, with different bytes ``EEXIST``;
-adding an existing node is a no-op; any edit while frozen is ``EBUSY``.
-Property values are raw bytes; the u32/u64 helpers encode little-endian as
-KHO does (the DTB container itself is big-endian, values inside are not).
+adding an existing node is a no-op. Property values are raw bytes (their
+codecs are in :mod:`khod.kho.props`). Whether edits are allowed at all
+(the freeze) is the engine's call, not the tree's.
 
 Names are checked against the devicetree spec so that every tree can be
 written as a DTB that dtc accepts, and sizes are bounded so that one
@@ -15,11 +15,11 @@ session cannot grow the handover without limit.
 from __future__ import annotations
 
 import re
-import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from khod.errors import ebusy, eexist, einval, enoent, enomem, eperm
+from khod.errors import eexist, einval, enoent, enomem, eperm
+from khod.kho.props import string_value
 
 NODE_NAME = re.compile(r"[A-Za-z0-9,._+-]{1,31}(@[A-Za-z0-9,._+-]{1,31})?")
 PROP_NAME = re.compile(r"[A-Za-z0-9,._+?#-]{1,31}")
@@ -69,40 +69,6 @@ def descend(root: Node, parts: list[str], where: str = "") -> Node:
     return node
 
 
-def u32(value: int) -> bytes:
-    return struct.pack("<I", value)
-
-
-def u64(value: int) -> bytes:
-    return struct.pack("<Q", value)
-
-
-def as_u32(value: bytes) -> int:
-    if len(value) != 4:
-        raise einval(f"expected a 4-byte u32 property, got {len(value)} bytes")
-    return int(struct.unpack("<I", value)[0])
-
-
-def as_u64(value: bytes) -> int:
-    if len(value) != 8:
-        raise einval(f"expected an 8-byte u64 property, got {len(value)} bytes")
-    return int(struct.unpack("<Q", value)[0])
-
-
-def string_value(text: str) -> bytes:
-    """A NUL-terminated string property value (``kho_add_string_prop``)."""
-    data = text.encode()
-    if b"\0" in data:
-        raise einval("a string property cannot contain NUL")
-    return data + b"\0"
-
-
-def as_string(value: bytes) -> str:
-    if not value.endswith(b"\0") or b"\0" in value[:-1]:
-        raise einval("property is not a single NUL-terminated string")
-    return value[:-1].decode(errors="replace")
-
-
 @dataclass
 class Node:
     """One node: properties in name order on output, children likewise."""
@@ -143,7 +109,7 @@ class TreeLimits:
 
 
 class Tree:
-    """A mutable KHO subtree with the v5 edit rules and a freeze switch."""
+    """A mutable KHO subtree with the v5 edit rules and size limits."""
 
     def __init__(
         self,
@@ -155,7 +121,6 @@ class Tree:
         self.root = root if root is not None else Node()
         self.limits = limits or TreeLimits()
         self.reserved_props = reserved_props
-        self.frozen = False
         self._nodes = self.root.count_nodes()
         self._bytes = self.root.nbytes()
 
@@ -176,13 +141,8 @@ class Tree:
 
     # ----------------------------------------------------------------- edits
 
-    def _editable(self) -> None:
-        if self.frozen:
-            raise ebusy("the KHO tree is frozen (finalized); unfreeze first")
-
     def add_node(self, path: str) -> bool:
         """Create the node at ``path`` (its parent must exist); False if it already did."""
-        self._editable()
         parts = split_path(path)
         if not parts:
             return False
@@ -209,7 +169,6 @@ class Tree:
         return True
 
     def remove_node(self, path: str) -> None:
-        self._editable()
         parts = split_path(path)
         if not parts:
             raise einval("cannot remove the root node")
@@ -223,7 +182,6 @@ class Tree:
 
     def add_prop(self, path: str, name: str, value: bytes) -> bool:
         """Add a property; False (success) if the same bytes are already there."""
-        self._editable()
         check_prop_name(name)
         if not isinstance(value, bytes | bytearray | memoryview):
             raise einval(f"property {name!r} value must be bytes")
@@ -257,7 +215,6 @@ class Tree:
         return self.add_prop(path, name, string_value(text))
 
     def remove_prop(self, path: str, name: str) -> bytes:
-        self._editable()
         check_prop_name(name)
         node = self.get_node(path)
         if name not in node.props:
@@ -266,13 +223,7 @@ class Tree:
         self._bytes -= len(name) + len(value) + 12
         return value
 
-    # ----------------------------------------------------------------- state
-
-    def freeze(self) -> None:
-        self.frozen = True
-
-    def thaw(self) -> None:
-        self.frozen = False
+    # ----------------------------------------------------------------- size
 
     @property
     def nodes(self) -> int:

@@ -1,29 +1,23 @@
-"""Byte layouts of the KHO memory map and of khod's handover record.
+"""Byte layouts of the KHO memory map: bitmaps and chunk pages.
 
 Everything here is pure: bytes in, values out, and back. The layouts are
-fixed by DESIGN §3 and must match the Linux KHO v5 memory map byte for byte
-(little-endian fields, LSB-first bitmaps, 255-entry chunk pages), so each
-codec validates what it decodes and raises :class:`HandoverError` naming the
-fault class instead of guessing.
+fixed by docs/format.md §3-§4 and match the Linux KHO v5 memory map byte for
+byte (little-endian fields, LSB-first bitmaps, 255-entry chunk pages), so
+each decoder validates what it reads and raises :class:`HandoverError`
+naming the fault class instead of guessing.
 """
 
 from __future__ import annotations
 
 import struct
-import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from enum import IntEnum
 
 import numpy as np
 import numpy.typing as npt
 
 from khod.errors import Fault, HandoverError, einval
-
-PAGE_SHIFT = 12
-PAGE_SIZE = 1 << PAGE_SHIFT
-MAX_ORDER = 18
-NR_ORDERS = MAX_ORDER + 1
+from khod.pages import MAX_ORDER, PAGE_SHIFT, PAGE_SIZE, check_order
 
 BITMAP_BYTES = 512
 BITMAP_BITS = BITMAP_BYTES * 8  # 4096 folios per bitmap
@@ -37,38 +31,12 @@ CHUNK_ENTRIES = (PAGE_SIZE - CHUNK_HEADER_BYTES) // CHUNK_ENTRY_BYTES  # 255
 
 # Little-endian u64, the kernel's native order on the machines KHO supports.
 LE_U64 = np.dtype("<u8")
-
-PfnArray = npt.NDArray[np.uint64]
+Rows = npt.NDArray[np.uint64]  # n x 64 little-endian words: n bitmaps
 
 
 def bitmap_span_shift(order: int) -> int:
     """log2 of the bytes of phys one bitmap of ``order`` covers (order + 24)."""
     return order + PAGE_SHIFT + BITMAP_SHIFT
-
-
-def check_order(order: int) -> None:
-    if not isinstance(order, int) or isinstance(order, bool) or not 0 <= order <= MAX_ORDER:
-        raise einval(f"order {order!r} is outside 0..{MAX_ORDER}")
-
-
-def split_range(pfn: int, npages: int) -> list[tuple[int, int]]:
-    """Split ``npages`` pages at ``pfn`` into naturally aligned folios.
-
-    Greedy, as DESIGN §3 fixes: each folio takes the largest order allowed
-    by both the alignment of its pfn and the pages still left, capped at
-    MAX_ORDER. (KHO v5 ignored the alignment and recorded misaligned blocks
-    at the rounded-down address; this does not.)
-    """
-    if pfn < 0 or npages < 0:
-        raise einval(f"negative range: pfn {pfn}, {npages} pages")
-    out: list[tuple[int, int]] = []
-    while npages:
-        align = (pfn & -pfn).bit_length() - 1 if pfn else MAX_ORDER
-        order = min(align, npages.bit_length() - 1, MAX_ORDER)
-        out.append((pfn, order))
-        pfn += 1 << order
-        npages -= 1 << order
-    return out
 
 
 # --------------------------------------------------------------------------- bitmaps
@@ -190,101 +158,3 @@ def decode_chunk(buf: bytes | memoryview, *, where: int = 0) -> Chunk:
             Fault.MALFORMED_CHUNK, f"chunk at {where:#x}: entries do not ascend by phys_start"
         )
     return Chunk(next=next_phys, order=order, phys_starts=starts, bitmaps=ptrs)
-
-
-# --------------------------------------------------------------------------- handover record
-
-RECORD_MAGIC = b"KHODREC\0"
-RECORD_VERSION = 1
-
-
-class RecordState(IntEnum):
-    """What the region's first page says about its metadata."""
-
-    CLEAN = 0  # no daemon owns it; nothing handed over
-    LIVE = 1  # a daemon (owner_pid) is running on it
-    HANDOVER = 2  # a committed handover waits for a successor
-
-
-# magic, version, state, owner pid, region base, region size, fdt phys, fdt size,
-# fdt crc32, reserved, scratch phys, scratch size, generation; then the record crc32.
-_RECORD = struct.Struct("<8sIIQQQQQIIQQQ")
-_RECORD_CRC = struct.Struct("<I")
-RECORD_BYTES = _RECORD.size + _RECORD_CRC.size + 4  # 96: crc, then 4 reserved zero bytes
-
-
-@dataclass(frozen=True)
-class HandoverRecord:
-    """khod's stand-in for the kexec boot parameters (DESIGN §3)."""
-
-    state: RecordState
-    owner_pid: int
-    region_base: int
-    region_size: int
-    fdt_phys: int
-    fdt_size: int
-    fdt_crc32: int
-    scratch_phys: int
-    scratch_size: int
-    generation: int
-    version: int = RECORD_VERSION
-
-    def encode(self) -> bytes:
-        body = _RECORD.pack(
-            RECORD_MAGIC,
-            self.version,
-            int(self.state),
-            self.owner_pid,
-            self.region_base,
-            self.region_size,
-            self.fdt_phys,
-            self.fdt_size,
-            self.fdt_crc32,
-            0,
-            self.scratch_phys,
-            self.scratch_size,
-            self.generation,
-        )
-        return body + _RECORD_CRC.pack(zlib.crc32(body)) + bytes(4)
-
-
-def record_present(buf: bytes | memoryview) -> bool:
-    """Whether the page starts with the record magic (a fresh region does not)."""
-    return bytes(buf[: len(RECORD_MAGIC)]) == RECORD_MAGIC
-
-
-def decode_record(buf: bytes | memoryview) -> HandoverRecord:
-    """Decode and check a record; any damage is a ``bad_record`` fault."""
-    if len(buf) < RECORD_BYTES:
-        raise HandoverError(Fault.BAD_RECORD, f"record needs {RECORD_BYTES} bytes, got {len(buf)}")
-    fields = _RECORD.unpack_from(buf, 0)
-    (magic, version, state, pid, rbase, rsize, fphys, fsize, fcrc, rsv, sphys, ssize, gen) = fields
-    if magic != RECORD_MAGIC:
-        raise HandoverError(Fault.BAD_RECORD, f"bad magic {magic!r}")
-    (crc,) = _RECORD_CRC.unpack_from(buf, _RECORD.size)
-    want = zlib.crc32(bytes(buf[: _RECORD.size]))
-    if crc != want:
-        raise HandoverError(
-            Fault.BAD_RECORD, f"record CRC32 is {crc:#010x}, its bytes give {want:#010x}"
-        )
-    if version != RECORD_VERSION:
-        raise HandoverError(
-            Fault.BAD_RECORD, f"record format version {version}, this khod reads {RECORD_VERSION}"
-        )
-    if state not in RecordState._value2member_map_:
-        raise HandoverError(Fault.BAD_RECORD, f"unknown record state {state}")
-    if rsv != 0 or any(bytes(buf[_RECORD.size + _RECORD_CRC.size : RECORD_BYTES])):
-        raise HandoverError(Fault.BAD_RECORD, "reserved record bytes are not zero")
-    return HandoverRecord(
-        state=RecordState(state),
-        owner_pid=pid,
-        region_base=rbase,
-        region_size=rsize,
-        fdt_phys=fphys,
-        fdt_size=fsize,
-        fdt_crc32=fcrc,
-        scratch_phys=sphys,
-        scratch_size=ssize,
-        generation=gen,
-        version=version,
-    )

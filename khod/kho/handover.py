@@ -1,11 +1,12 @@
-"""Write a complete handover into a region, and read one back (DESIGN §3).
+"""Write a complete handover into a region, and read one back (docs/format.md §4-§8).
 
 A handover is: one chunk list for every preserved folio (the root list a
 kernel would read), one list per session (so ownership survives), the KHO
 FDT that points at them, and -- written last, after everything else is
 flushed -- the handover record on the region's first page. That record
 write is the commit point: a crash before it leaves no handover, a crash
-after it leaves a complete one.
+after it leaves a complete one. :class:`CommitStep` names the moments in
+between, where the daemon's tests inject crashes.
 
 Reading validates everything before anything is trusted; the first fault
 refuses the whole handover with a :class:`HandoverError` naming it.
@@ -13,36 +14,29 @@ refuses the whole handover with a :class:`HandoverError` naming it.
 
 from __future__ import annotations
 
-import os
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from enum import StrEnum
 
 import numpy as np
 
-from khod.abi import (
-    PAGE_SHIFT,
-    PAGE_SIZE,
-    RECORD_BYTES,
-    HandoverRecord,
-    RecordState,
-    decode_record,
-    record_present,
-)
-from khod.allocator import Allocator
-from khod.dtb import DtbError, from_dtb, to_dtb
 from khod.errors import Fault, HandoverError, KhoError, einval
-from khod.region import Region
-from khod.serial import (
+from khod.kho.chunklist import (
     DeserializedList,
     PointerBounds,
-    ScratchRange,
     SerializedList,
+    check_metadata_outside,
     deserialize,
     serialize,
 )
-from khod.tracker import Tracker
-from khod.tree import Node, TreeLimits, as_string, as_u32, as_u64, string_value, u32, u64
+from khod.kho.dtb import DtbError, from_dtb, to_dtb
+from khod.kho.memory import Memory, Pages, ScratchRange
+from khod.kho.props import as_string, as_u32, as_u64, string_value, u32, u64
+from khod.kho.record import HandoverRecord, RecordState, write_record
+from khod.kho.tracker import Tracker
+from khod.kho.tree import Node, TreeLimits
+from khod.pages import PAGE_SHIFT, PAGE_SIZE
 
 KHO_COMPATIBLE = "kho-v1"
 KHOD_COMPATIBLE = "khod-v1"
@@ -50,6 +44,16 @@ SESSION_COMPATIBLE = "khod,session-v1"
 ROOT_NODES = frozenset({"preserved-memory", "khod"})  # not available as session names
 SESSION_PROPS = frozenset({"compatible", "owner-uid", "metadata"})  # written by khod
 MAX_FDT_BYTES = 64 << 20
+
+
+class CommitStep(StrEnum):
+    """Moments inside :func:`commit`, reported to its hook (crash points for tests)."""
+
+    SERIALIZE = "serialize"  # nothing written yet
+    FDT_WRITTEN = "fdt"  # chunk lists and FDT written, not yet flushed
+    FLUSHED = "commit"  # everything flushed, the record not yet written
+    COMMITTED = "committed"  # right after the record write
+
 
 Hook = Callable[[str], None]
 
@@ -89,46 +93,17 @@ class Committed:
     def chunk_pages(self) -> int:
         return self.root.chunks + sum(s.chunks for s in self.sessions.values())
 
-    def free(self, allocator: Allocator) -> None:
+    @property
+    def metadata_bytes(self) -> int:
+        """Chunk, bitmap and FDT pages, in bytes."""
+        return (self.metadata_pages + (1 << self.fdt_block[1])) * PAGE_SIZE
+
+    def free(self, pages: Pages) -> None:
         """Give every metadata and FDT page back (unfreeze)."""
-        allocator.free_many(self.root.pages)
+        pages.free_many(self.root.pages)
         for s in self.sessions.values():
-            allocator.free_many(s.pages)
-        allocator.free(self.fdt_block[0])
-
-
-# --------------------------------------------------------------------------- record
-
-
-def read_record(region: Region) -> HandoverRecord | None:
-    """The record on the first page, None if the page holds none (a fresh region)."""
-    page = region.read(region.base, RECORD_BYTES)
-    if not record_present(page):
-        return None
-    return decode_record(page)
-
-
-def write_record(region: Region, record: HandoverRecord) -> None:
-    region.write(region.base, record.encode())
-    region.flush(region.base, PAGE_SIZE)
-
-
-def live_record(
-    region: Region, scratch: ScratchRange, generation: int, pid: int | None = None
-) -> HandoverRecord:
-    """The record a running daemon keeps: no handover, owned by ``pid``."""
-    return HandoverRecord(
-        state=RecordState.LIVE,
-        owner_pid=os.getpid() if pid is None else pid,
-        region_base=region.base,
-        region_size=region.size,
-        fdt_phys=0,
-        fdt_size=0,
-        fdt_crc32=0,
-        scratch_phys=scratch.phys,
-        scratch_size=scratch.size,
-        generation=generation,
-    )
+            pages.free_many(s.pages)
+        pages.free(self.fdt_block[0])
 
 
 # --------------------------------------------------------------------------- writing
@@ -140,7 +115,7 @@ def build_fdt(
     metadata_crc32: int,
     sessions: list[tuple[SessionImage, int]],
 ) -> Node:
-    """The KHO tree of DESIGN §3; ``sessions`` pairs each image with its list's first chunk."""
+    """The KHO tree of docs/format.md §6; ``sessions`` pairs each image with its list's first chunk."""
     root = Node(props={"compatible": string_value(KHO_COMPATIBLE)})
     root.children["preserved-memory"] = Node(props={"metadata": u64(root_first_chunk)})
     root.children["khod"] = Node(
@@ -169,12 +144,13 @@ def build_fdt(
 
 
 def commit(
-    region: Region,
-    allocator: Allocator,
+    region: Memory,
+    allocator: Pages,
     scratch: ScratchRange,
     generation: int,
     sessions: list[SessionImage],
     *,
+    owner_pid: int,
     hook: Hook = no_hook,
 ) -> Committed:
     """Serialize everything, write the FDT, flush, then commit the record.
@@ -191,7 +167,7 @@ def commit(
     written: list[SerializedList] = []
     fdt_pfn: int | None = None
     try:
-        hook("serialize")
+        hook(CommitStep.SERIALIZE)
         root = serialize(root_tracker, allocator, region)
         written.append(root)
         lists: dict[str, SerializedList] = {}
@@ -211,11 +187,11 @@ def commit(
         fdt_pfn = allocator.alloc(fdt_order)
         fdt_phys = fdt_pfn << PAGE_SHIFT
         region.write(fdt_phys, blob + bytes((pages << PAGE_SHIFT) - len(blob)))
-        hook("fdt")
+        hook(CommitStep.FDT_WRITTEN)
         region.flush()
         record = HandoverRecord(
             state=RecordState.HANDOVER,
-            owner_pid=os.getpid(),
+            owner_pid=owner_pid,
             region_base=region.base,
             region_size=region.size,
             fdt_phys=fdt_phys,
@@ -225,7 +201,7 @@ def commit(
             scratch_size=scratch.size,
             generation=generation,
         )
-        hook("commit")
+        hook(CommitStep.FLUSHED)
         write_record(region, record)
     except BaseException:
         for w in written:
@@ -233,7 +209,7 @@ def commit(
         if fdt_pfn is not None:
             allocator.free(fdt_pfn)
         raise
-    hook("committed")
+    hook(CommitStep.COMMITTED)
     return Committed(
         record=record,
         root=root,
@@ -298,7 +274,7 @@ def _compatible(node: Node, path: str, want: str) -> None:
         )
 
 
-def _check_record(region: Region, record: HandoverRecord) -> ScratchRange:
+def _check_record(region: Memory, record: HandoverRecord) -> ScratchRange:
     if record.region_base != region.base or record.region_size != region.size:
         raise HandoverError(
             Fault.REGION_MISMATCH,
@@ -316,11 +292,10 @@ def _check_record(region: Region, record: HandoverRecord) -> ScratchRange:
 
 
 def read_handover(
-    region: Region,
+    region: Memory,
     record: HandoverRecord,
     *,
     limits: TreeLimits | None = None,
-    hook: Hook = no_hook,
 ) -> Incoming:
     """Validate and decode a committed handover; nothing is reserved here."""
     if record.state is not RecordState.HANDOVER:
@@ -337,7 +312,6 @@ def read_handover(
             Fault.CRC_MISMATCH,
             f"FDT CRC32 is {crc:#010x}, the record says {record.fdt_crc32:#010x}",
         )
-    hook("fdt")
     try:
         tree = from_dtb(blob, limits)
     except DtbError as exc:
@@ -382,7 +356,6 @@ def read_handover(
             Fault.CRC_MISMATCH,
             f"metadata CRC32 is {crc:#010x}, /khod says {want_crc:#010x}",
         )
-    hook("lists")
     _check_sessions(root, sessions)
     _check_metadata_outside_folios(root, sessions, record)
     return Incoming(record, generation, blob, tree, root, sessions, crc)
@@ -416,9 +389,4 @@ def _check_metadata_outside_folios(
     first = record.fdt_phys >> PAGE_SHIFT
     pages.update(range(first, first + -(-record.fdt_size // PAGE_SIZE)))
     arr = np.fromiter(sorted(pages), dtype=np.int64, count=len(pages))
-    inside = root.tracker.contained_mask(arr, 0)
-    if inside.any():
-        pfn = int(arr[np.flatnonzero(inside)[0]])
-        raise HandoverError(
-            Fault.OVERLAP, f"metadata page pfn {pfn:#x} lies inside a preserved folio"
-        )
+    check_metadata_outside(root.tracker, arr)
