@@ -42,9 +42,6 @@ class Args:
             raise self._bad(name, "an integer in 0..2**64-1", v)
         return v
 
-    def opt_u64(self, name: str) -> int | None:
-        return None if self._get(name, False) is None else self.u64(name)
-
     def order(self, name: str = "order") -> int:
         v = self._get(name, True)
         if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= MAX_ORDER:

@@ -123,10 +123,6 @@ def parse_request(obj: object) -> Request:
     return Request(req_id, op, args)
 
 
-def request(req_id: int, op: str, **args: Any) -> dict[str, Any]:
-    return {"id": req_id, "op": op, **args}
-
-
 def reply(req_id: int | None, result: Any = None, *, nfds: int = 0) -> dict[str, Any]:
     msg: dict[str, Any] = {"id": req_id, "result": result}
     if nfds:
