@@ -3,6 +3,12 @@
 A reader task routes replies to waiting calls by id; notifier callbacks
 (async functions) run as tasks of the client's nursery, so they may call the
 daemon themselves. Sends are serialized with a StrictFIFOLock.
+
+The nursery is entered on an :class:`contextlib.AsyncExitStack` in
+``__aenter__`` and left in ``__aexit__``. Each of the client's own tasks runs
+in a cancel scope of its own, so :meth:`AsyncClient.aclose` stops them (and
+closes the socket) without waiting and without cancelling the body of the
+``async with``: it is safe from a notifier callback as well as from the body.
 """
 
 from __future__ import annotations
@@ -61,8 +67,9 @@ class AsyncClient:
         self._lock = trio.StrictFIFOLock()
         self._pending: dict[int, _Waiter] = {}
         self._callbacks: dict[str, AsyncCallback] = {}
-        self._nursery_cm: Any = None
+        self._stack: contextlib.AsyncExitStack | None = None
         self._nursery: trio.Nursery | None = None
+        self._task_scopes: set[trio.CancelScope] = set()
         self._closed_reason: str | None = None
 
     async def __aenter__(self) -> AsyncClient:
@@ -75,48 +82,63 @@ class AsyncClient:
                 Errno.ENOENT, f"cannot reach khod at {self.socket_path}: {exc.strerror}"
             ) from None
         self._sock = sock
-        self._nursery_cm = trio.open_nursery()
-        self._nursery = await self._nursery_cm.__aenter__()
-        self._nursery.start_soon(self._read_loop)
-        if self.session_name is not None:
-            try:
+        self._stack = contextlib.AsyncExitStack()
+        try:
+            self._nursery = await self._stack.enter_async_context(trio.open_nursery())
+            self._spawn(self._read_loop)
+            if self.session_name is not None:
                 await self.hello(self.session_name, self.persistent)
-            except BaseException:
-                await self.aclose()
-                raise
+        except BaseException:
+            await self._shutdown()
+            raise
         return self
 
     async def __aexit__(
         self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:
-        await self.aclose()
+        await self._shutdown()
 
     async def aclose(self) -> None:
-        try:
-            if self._nursery is not None:
-                self._nursery.cancel_scope.cancel()
-                if self._in_nursery():
-                    # called from a callback: the nursery finishes when the caller unwinds
-                    if self._sock is not None:
-                        self._sock.close()
-                    return
-                nursery_cm, self._nursery = self._nursery_cm, None
-                await nursery_cm.__aexit__(None, None, None)
-        finally:
-            if self._nursery is None:
-                if self._sock is not None:
-                    self._sock.close()
-                    self._sock = None
-                self._core.close_fds()
+        """Close the connection: stop the client's tasks and close the socket.
 
-    def _in_nursery(self) -> bool:
-        task: Any = trio.lowlevel.current_task()
-        while task is not None:
-            nursery = task.parent_nursery
-            if nursery is self._nursery:
-                return True
-            task = nursery.parent_task if nursery is not None else None
-        return False
+        Does not wait for the tasks to finish (``__aexit__`` does), so a
+        notifier callback may call it; calls made afterwards fail with EPROTO.
+        """
+        self._closed_reason = self._closed_reason or "connection closed"
+        for scope in self._task_scopes:
+            scope.cancel()
+        if self._sock is not None:
+            self._sock.close()
+
+    async def _shutdown(self) -> None:
+        """``aclose``, then wait for the client's tasks and release the passed fds."""
+        await self.aclose()
+        stack, self._stack = self._stack, None
+        try:
+            if stack is not None:
+                await stack.aclose()
+        finally:
+            self._nursery = None
+            self._sock = None
+            self._core.close_fds()
+
+    def _spawn(self, fn: Callable[..., Awaitable[None]], *args: Any) -> None:
+        """Start ``fn(*args)`` in the nursery, in a cancel scope :meth:`aclose` cancels."""
+        assert self._nursery is not None
+        scope = trio.CancelScope()
+        if self._closed_reason is not None:
+            scope.cancel()
+        self._task_scopes.add(scope)
+        self._nursery.start_soon(self._run_task, scope, fn, *args, name=fn)
+
+    async def _run_task(
+        self, scope: trio.CancelScope, fn: Callable[..., Awaitable[None]], *args: Any
+    ) -> None:
+        try:
+            with scope:
+                await fn(*args)
+        finally:
+            self._task_scopes.discard(scope)
 
     # ----------------------------------------------------------------- plumbing
 
@@ -141,7 +163,7 @@ class AsyncClient:
                     waiter.reply = reply
                     waiter.done.set()
         except (OSError, FrameError, KhoError) as exc:
-            self._closed_reason = f"connection lost: {exc}"
+            self._closed_reason = self._closed_reason or f"connection lost: {exc}"
         finally:
             self._closed_reason = self._closed_reason or "connection closed"
             for w in self._pending.values():
@@ -161,7 +183,7 @@ class AsyncClient:
             return
         ev = notifier_event(msg)
         if ev is not None and self._nursery is not None:
-            self._nursery.start_soon(self._run_callback, ev)
+            self._spawn(self._run_callback, ev)
 
     async def _run_callback(self, ev: NotifierEvent) -> None:
         cb = self._callbacks.get(ev.name)

@@ -1,0 +1,63 @@
+"""Client behaviour beyond the protocol: closing the trio client from anywhere."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import trio
+from khoclient import AsyncClient, KhoError, NotifierEvent
+
+from khod.errors import Errno
+
+from .helpers import inproc_daemon
+
+
+async def test_aclose_from_the_body_leaves_the_body_running(shm_dir: Path) -> None:
+    async with inproc_daemon(shm_dir) as d:
+        async with AsyncClient(d.socket, "gone") as c:
+            await c.ping()
+            await c.aclose()
+            await trio.sleep(0.01)  # not cancelled: aclose stops the client, not the caller
+            with pytest.raises(KhoError) as e:
+                await c.ping()
+            assert e.value.code is Errno.EPROTO
+            assert "connection closed" in e.value.message
+            await c.aclose()  # twice is fine
+        async with AsyncClient(d.socket) as op:
+            st = await op.status()
+        assert "gone" not in [s["name"] for s in st["sessions"]]
+        reached_the_end = True
+    assert reached_the_end  # a Cancelled leaking out of the block would skip to here
+
+
+async def test_aclose_from_a_callback_leaves_the_body_running(shm_dir: Path) -> None:
+    async with inproc_daemon(shm_dir) as d:
+        closed = trio.Event()
+        async with AsyncClient(d.socket, "vmm") as vmm:
+
+            async def on_finalize(ev: NotifierEvent) -> None:
+                await vmm.aclose()
+                closed.set()
+
+            await vmm.subscribe(on_finalize=on_finalize)
+            async with AsyncClient(d.socket) as op:
+                with pytest.raises(KhoError) as e:
+                    await op.finalize()  # the reply arrives: the body is not cancelled
+                assert e.value.code is Errno.EPROTO and "'vmm'" in e.value.message
+                assert closed.is_set()
+                assert (await op.status())["state"] == "active"
+            with pytest.raises(KhoError):
+                await vmm.ping()
+        reached_the_end = True
+    assert reached_the_end  # a Cancelled leaking out of the block would skip to here
+
+
+async def test_a_failed_hello_closes_everything(shm_dir: Path) -> None:
+    async with inproc_daemon(shm_dir) as d:
+        c = AsyncClient(d.socket, "")
+        with pytest.raises(KhoError) as e:
+            async with c:
+                raise AssertionError("entered with an invalid session name")
+        assert e.value.code is Errno.EINVAL
+        assert c._nursery is None and c._sock is None and not c._task_scopes
