@@ -1,16 +1,77 @@
-"""Client behaviour beyond the protocol: closing the trio client from anywhere."""
+"""What both clients do beyond the protocol: timeouts, the region fd, handover, closing."""
 
 from __future__ import annotations
 
+import os
+import socket
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import trio
-from khoclient import AsyncClient, KhoError, NotifierEvent
+from khoclient import AsyncClient, Client, KhoError, NotifierEvent
+from khoclient import calls as C
 
 from khod.errors import Errno
 
 from .helpers import inproc_daemon
+
+
+@pytest.fixture
+def silent(shm_dir: Path) -> Iterator[str]:
+    """A socket that accepts connections (in its backlog) and never answers."""
+    path = str(shm_dir / "silent.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.bind(path)
+        s.listen(8)
+        yield path
+
+
+def test_blocking_timeouts(silent: str) -> None:
+    with Client(silent, timeout=0.05) as c:
+        with pytest.raises(KhoError) as e:
+            c.ping()
+        assert e.value.code is Errno.ETIMEDOUT
+        assert e.value.message == "no reply to ping within 0.05 s"
+        with pytest.raises(KhoError) as e:
+            c.unfreeze(timeout=0.02)
+        assert e.value.message == "no reply to unfreeze within 0.02 s"
+        assert not c._pending
+
+
+async def test_async_timeouts(silent: str) -> None:
+    async with AsyncClient(silent, timeout=0.05) as c:
+        with pytest.raises(KhoError) as e:
+            await c.ping()
+        assert e.value.code is Errno.ETIMEDOUT
+        assert e.value.message == "no reply to ping within 0.05 s"
+        with pytest.raises(KhoError) as e:
+            await c.finalize(timeout=0.02)
+        assert e.value.message == "no reply to finalize within 0.02 s"
+        with pytest.raises(KhoError) as e:
+            await c.call(C.status(), timeout=0.02)
+        assert e.value.message == "no reply to status within 0.02 s"
+        assert not c._pending  # the waiters were dropped
+        with trio.move_on_after(0.02) as scope:
+            await c.call(C.status(), timeout=None)  # the client's timeout; cancelled first
+        assert scope.cancelled_caught and not c._pending
+
+
+async def test_async_region_fd_and_handover(shm_dir: Path) -> None:
+    got: list[int] = []
+    async with (
+        inproc_daemon(shm_dir) as d,
+        AsyncClient(d.socket, "w", on_handover=got.append) as c,
+    ):
+        fd = await c.region_fd()
+        assert await c.region_fd() == fd  # fetched once, then kept
+        os.fstat(fd)  # open, and owned by the client
+        async with AsyncClient(d.socket) as op:
+            await op.finalize()
+            await op.handover()
+        with trio.fail_after(5):
+            await c.handed_over.wait()
+    assert got == [1]
 
 
 async def test_aclose_from_the_body_leaves_the_body_running(shm_dir: Path) -> None:

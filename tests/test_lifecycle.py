@@ -137,11 +137,11 @@ async def test_race_preserves_against_finalize(shm_dir: Path) -> None:
         clients = [
             await stack.enter_async_context(AsyncClient(d.socket, f"w{i}")) for i in range(8)
         ]
-        pools = {c.session_name: await c.alloc_folios(0, 400) for c in clients}
+        pools = {c.session: await c.alloc_folios(0, 400) for c in clients}
         go = trio.Event()
 
         async def worker(c: AsyncClient) -> None:
-            name = c.session_name
+            name = c.session
             assert name is not None
             ok, busy = [], 0
             await go.wait()

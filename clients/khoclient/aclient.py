@@ -14,6 +14,7 @@ closes the socket) without waiting and without cancelling the body of the
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import socket
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -38,6 +39,7 @@ from .core import (
     Veto,
     default_socket,
     notifier_event,
+    timeout_error,
 )
 
 T = TypeVar("T")
@@ -54,12 +56,22 @@ class _Waiter:
 
 
 class AsyncClient:
+    """``async with AsyncClient(path, session="db") as c: folio = await c.alloc_folio(9)``."""
+
     def __init__(
-        self, socket_path: str | None = None, session: str | None = None, persistent: bool = False
+        self,
+        socket_path: str | None = None,
+        session: str | None = None,
+        persistent: bool = False,
+        *,
+        timeout: float | None = 60.0,
+        on_handover: Callable[[int], None] | None = None,
     ) -> None:
         self.socket_path = default_socket(socket_path)
-        self.session_name = session
+        self.session = session
         self.persistent = persistent
+        self.timeout = timeout
+        self.on_handover = on_handover
         self.handed_over = trio.Event()
         self.hello_info: dict[str, Any] = {}
         self._core = Core()
@@ -86,8 +98,8 @@ class AsyncClient:
         try:
             self._nursery = await self._stack.enter_async_context(trio.open_nursery())
             self._spawn(self._read_loop)
-            if self.session_name is not None:
-                await self.hello(self.session_name, self.persistent)
+            if self.session is not None:
+                await self.hello(self.session, self.persistent)
         except BaseException:
             await self._shutdown()
             raise
@@ -180,6 +192,8 @@ class AsyncClient:
             return
         if kind == "handover":
             self.handed_over.set()
+            if self.on_handover is not None:
+                self.on_handover(int(msg.get("generation", 0)))
             return
         ev = notifier_event(msg)
         if ev is not None and self._nursery is not None:
@@ -199,24 +213,35 @@ class AsyncClient:
             await self.call(C.notify_reply(ev.token, ok, reason, error))
 
     async def call(
-        self, call: Call[T], *, progress: Callable[[dict[str, Any]], None] | None = None
+        self,
+        call: Call[T],
+        *,
+        progress: Callable[[dict[str, Any]], None] | None = None,
+        timeout: float | None = None,
     ) -> T:
+        """Send one request and wait for its reply."""
         if self._sock is None or self._closed_reason is not None:
             raise KhoError(Errno.EPROTO, self._closed_reason or "not connected")
         req_id, frame = self._core.frame(call)
         waiter = _Waiter(progress)
         self._pending[req_id] = waiter
+        limit = self.timeout if timeout is None else timeout
         try:
-            async with self._lock:
-                view = memoryview(frame)
-                while view:
-                    sent = await self._sock.send(view)
-                    view = view[sent:]
-        except OSError as exc:
-            self._pending.pop(req_id, None)
-            raise KhoError(Errno.EPROTO, f"sending {call.op} failed: {exc}") from None
-        await waiter.done.wait()
-        assert waiter.reply is not None
+            try:
+                async with self._lock:
+                    view = memoryview(frame)
+                    while view:
+                        sent = await self._sock.send(view)
+                        view = view[sent:]
+            except OSError as exc:
+                raise KhoError(Errno.EPROTO, f"sending {call.op} failed: {exc}") from None
+            with trio.move_on_after(math.inf if limit is None else limit):
+                await waiter.done.wait()
+        finally:
+            if waiter.reply is None:  # failed, timed out or cancelled: drop a late reply
+                self._pending.pop(req_id, None)
+        if waiter.reply is None:
+            raise timeout_error(call.op, limit)
         result: T = self._core.finish(call, waiter.reply)
         return result
 
@@ -224,11 +249,18 @@ class AsyncClient:
 
     async def hello(self, name: str, persistent: bool = False) -> dict[str, Any]:
         self.hello_info = await self.call(C.hello(name, persistent))
-        self.session_name = name
+        self.session, self.persistent = name, persistent
         return self.hello_info
 
     async def region(self) -> RegionInfo:
         return await self.call(C.region())
+
+    async def region_fd(self) -> int:
+        """The passed region fd (fetched on first use; owned by the client)."""
+        if self._core.region is None:
+            await self.region()
+        assert self._core.region is not None
+        return self._core.region[0]
 
     async def map(self, folio: Folio) -> memoryview:
         """A writable memoryview of the folio's bytes, mapped from the region fd (no copy)."""
@@ -236,13 +268,13 @@ class AsyncClient:
 
     async def map_phys(self, phys: int, size: int) -> memoryview:
         """A writable memoryview of whole pages at ``phys`` (several adjacent folios in one map)."""
-        if self._core.region is None:
-            await self.region()
+        await self.region_fd()
         return self._core.map(phys, size)
 
     async def subscribe(
         self, on_finalize: AsyncCallback | None = None, on_unfreeze: AsyncCallback | None = None
     ) -> list[str]:
+        """Register notifier callbacks; raise :class:`Veto` in ``on_finalize`` to veto."""
         self._callbacks = {
             k: v for k, v in (("finalize", on_finalize), ("unfreeze", on_unfreeze)) if v is not None
         }
@@ -341,14 +373,14 @@ class AsyncClient:
         return await self.call(C.fdt(which))
 
     async def finalize(
-        self, progress: Callable[[dict[str, Any]], None] | None = None
+        self, progress: Callable[[dict[str, Any]], None] | None = None, timeout: float | None = None
     ) -> dict[str, Any]:
-        return await self.call(C.finalize(), progress=progress)
+        return await self.call(C.finalize(), progress=progress, timeout=timeout)
 
     async def unfreeze(
-        self, progress: Callable[[dict[str, Any]], None] | None = None
+        self, progress: Callable[[dict[str, Any]], None] | None = None, timeout: float | None = None
     ) -> dict[str, Any]:
-        return await self.call(C.unfreeze(), progress=progress)
+        return await self.call(C.unfreeze(), progress=progress, timeout=timeout)
 
     async def handover(self) -> dict[str, Any]:
         return await self.call(C.handover())
