@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,16 +13,6 @@ from khoclient import calls as C
 from khod.errors import Errno
 
 from .helpers import inproc_daemon
-
-
-@pytest.fixture
-def silent(shm_dir: Path) -> Iterator[str]:
-    """A socket that accepts connections (in its backlog) and never answers."""
-    path = str(shm_dir / "silent.sock")
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.bind(path)
-        s.listen(8)
-        yield path
 
 
 def test_blocking_timeouts(silent: str) -> None:
