@@ -38,6 +38,12 @@ class Unreachable(Exception):
     pass
 
 
+def emit_json(doc: Any, out: TextIO, indent: int | None = 2) -> None:
+    """``--json`` output: one document with sorted (stable) keys, then a newline."""
+    json.dump(doc, out, indent=indent, sort_keys=True)
+    out.write("\n")
+
+
 def human(n: int | float) -> str:
     n = float(n)
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
@@ -79,8 +85,7 @@ def cmd_status(args: argparse.Namespace, out: TextIO) -> int:
     with connect(args) as c:
         st = c.status()
     if args.json:
-        json.dump(st, out, indent=2, sort_keys=True)
-        out.write("\n")
+        emit_json(st, out)
         return EXIT_OK
     r = st["region"]
     out.write(
@@ -154,10 +159,7 @@ def cmd_sessions(args: argparse.Namespace, out: TextIO) -> int:
     with connect(args) as c:
         st = c.status()
     if args.json:
-        json.dump(
-            {"sessions": st["sessions"], "incoming": st["incoming"]}, out, indent=2, sort_keys=True
-        )
-        out.write("\n")
+        emit_json({"sessions": st["sessions"], "incoming": st["incoming"]}, out)
         return EXIT_OK
     _sessions_table(st, out)
     return EXIT_OK
@@ -198,12 +200,10 @@ def cmd_finalize(args: argparse.Namespace, out: TextIO) -> int:
             summary = c.finalize(progress=progress, timeout=args.timeout)
         except KhoError:
             if args.json:
-                json.dump({"progress": events}, sys.stderr)
-                sys.stderr.write("\n")
+                emit_json({"progress": events}, sys.stderr, indent=None)
             raise
     if args.json:
-        json.dump({"summary": summary, "progress": events}, out, indent=2, sort_keys=True)
-        out.write("\n")
+        emit_json({"summary": summary, "progress": events}, out)
         return EXIT_OK
     out.write(
         f"finalized: generation {summary['generation']} committed in {summary['duration_ms']} ms; "
@@ -231,8 +231,7 @@ def _simple(
         with connect(args) as c:
             result = op(c)
         if args.json:
-            json.dump(result, out, indent=2, sort_keys=True)
-            out.write("\n")
+            emit_json(result, out)
         else:
             out.write(done(result) + "\n")
         return EXIT_OK
@@ -258,8 +257,7 @@ def cmd_release(args: argparse.Namespace, out: TextIO) -> int:
     with connect(args) as c:
         r = c.release_unclaimed(args.session)
     if args.json:
-        json.dump(r, out, indent=2, sort_keys=True)
-        out.write("\n")
+        emit_json(r, out)
     else:
         dropped = ", ".join(r["dropped_sessions"]) or "none"
         out.write(
@@ -300,8 +298,7 @@ def cmd_inspect(args: argparse.Namespace, out: TextIO) -> int:
         sys.stderr.write(f"khoctl: inspect: {exc.message}\n")
         return EXIT_LOCAL
     if args.json:
-        json.dump(rep.as_dict(), out, indent=2, sort_keys=True)
-        out.write("\n")
+        emit_json(rep.as_dict(), out)
     else:
         _print_report(rep, out)
     if not rep.accepted:
