@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -38,6 +39,16 @@ def shm_dir() -> Iterator[Path]:
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def silent(shm_dir: Path) -> Iterator[str]:
+    """A socket that accepts connections (in its backlog) and never answers."""
+    path = str(shm_dir / "silent.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.bind(path)
+        s.listen(8)
+        yield path
 
 
 MakeRegion = Callable[..., Region]

@@ -158,7 +158,7 @@ def test_each_fault_is_named_and_nothing_is_written(
     path = built.region.path
     before = file_bytes(path)
     r = khoctl("inspect", path)
-    assert r.returncode == ctl.EXIT_REJECT, r.stdout + r.stderr
+    assert r.returncode == ctl.Exit.REJECT, r.stdout + r.stderr
     assert f"verdict: REFUSE: {fault}" in r.stdout
     js = json.loads(khoctl("--json", "inspect", path).stdout)
     assert js["fault"] == str(fault) and js["accepted"] is False
@@ -170,16 +170,16 @@ def test_region_without_handover(shm_dir: Path, make_region: th.MakeRegion) -> N
     r = khoctl("inspect", region.path)
     assert r.returncode == 0
     assert "verdict: ACCEPT (format)" in r.stdout
-    assert khoctl("inspect", "--expect-handover", region.path).returncode == ctl.EXIT_NO_HANDOVER
+    assert khoctl("inspect", "--expect-handover", region.path).returncode == ctl.Exit.NO_HANDOVER
     _, scratch = th.allocator_for(region)
     th.write_record(region, th.live_record(region, scratch, 0, pid=999_999_999))
     r = khoctl("inspect", region.path)
-    assert r.returncode == ctl.EXIT_REJECT
+    assert r.returncode == ctl.Exit.REJECT
     assert "live: owned by pid 999999999 (gone)" in r.stdout
-    assert khoctl("inspect", str(shm_dir / "nope")).returncode == ctl.EXIT_LOCAL
+    assert khoctl("inspect", str(shm_dir / "nope")).returncode == ctl.Exit.LOCAL
 
 
 def test_wrong_base_is_a_region_mismatch(built: th.Setup) -> None:
     r = khoctl("inspect", "--base", hex(built.region.base + (1 << 30)), built.region.path)
-    assert r.returncode == ctl.EXIT_REJECT
+    assert r.returncode == ctl.Exit.REJECT
     assert "region_mismatch" in r.stdout

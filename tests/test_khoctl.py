@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pty
+import re
 import shutil
 import subprocess
 import sys
@@ -84,7 +85,7 @@ def test_status_sessions_finalize_handover(shm_dir: Path) -> None:
         assert fin.returncode == 0, fin.stderr
         assert "finalized: generation 1 committed" in fin.stdout
         again = khoctl("--json", "finalize", socket=d.socket)
-        assert again.returncode == ctl.EXIT_REFUSED
+        assert again.returncode == ctl.Exit.REFUSED
         assert "EEXIST" in again.stderr and "already finalized" in again.stderr
 
         out = shm_dir / "out.dtb"
@@ -99,7 +100,7 @@ def test_status_sessions_finalize_handover(shm_dir: Path) -> None:
             ).stdout
             assert 'compatible = "kho-v1";' in dts
         missing = khoctl("fdt", "in", "-o", str(out), socket=d.socket)
-        assert missing.returncode == ctl.EXIT_REFUSED and "ENOENT" in missing.stderr
+        assert missing.returncode == ctl.Exit.REFUSED and "ENOENT" in missing.stderr
 
         un = khoctl("--json", "unfreeze", socket=d.socket)
         assert json.loads(un.stdout)["state"] == "active"
@@ -121,7 +122,7 @@ def test_status_sessions_finalize_handover(shm_dir: Path) -> None:
         assert h.returncode == 0 and "handed over: generation 1" in h.stdout
         assert d.wait() == 0
     gone = khoctl("status", socket=d.socket)
-    assert gone.returncode == ctl.EXIT_UNREACHABLE
+    assert gone.returncode == ctl.Exit.UNREACHABLE
     assert "unreachable" in gone.stderr
     with daemon_running(shm_dir) as d2:
         r = khoctl("--json", "release-unclaimed", socket=d2.socket)
@@ -140,7 +141,7 @@ def test_finalize_shows_the_notifier_phase(shm_dir: Path) -> None:
         c = d.client("vmm")
         c.subscribe(on_finalize=lambda ev: (_ for _ in ()).throw(Veto("busy migrating")))
         r = khoctl("finalize", socket=d.socket)
-        assert r.returncode == ctl.EXIT_REFUSED
+        assert r.returncode == ctl.Exit.REFUSED
         assert "vmm" in r.stdout and "asked" in r.stdout and "VETOED: busy migrating" in r.stdout
         assert "EBUSY" in r.stderr
         c.close()
@@ -168,22 +169,28 @@ def test_fdt_refuses_a_terminal(shm_dir: Path) -> None:
     finally:
         os.close(slave)
         os.close(master)
-    assert proc.returncode == ctl.EXIT_LOCAL
+    assert proc.returncode == ctl.Exit.LOCAL
     assert "refusing to write a binary DTB to a terminal" in proc.stderr
     assert "-o FILE" in proc.stderr and "dtc -I dtb -O dts" in proc.stderr
 
 
 def test_usage_and_operator_errors(shm_dir: Path) -> None:
-    assert khoctl("frobnicate").returncode == ctl.EXIT_USAGE
-    assert khoctl("fdt", "sideways").returncode == ctl.EXIT_USAGE
+    assert khoctl("frobnicate").returncode == ctl.Exit.USAGE
+    assert khoctl("fdt", "sideways").returncode == ctl.Exit.USAGE
     with daemon_running(shm_dir) as d:
         r = khoctl("handover", socket=d.socket)
-        assert r.returncode == ctl.EXIT_REFUSED
+        assert r.returncode == ctl.Exit.REFUSED
         assert r.stderr.startswith("khoctl: handover: EBUSY:")
         assert len(r.stderr.strip().splitlines()) == 1
         r = khoctl("unfreeze", socket=d.socket)
-        assert r.returncode == ctl.EXIT_REFUSED and "ENOENT" in r.stderr
+        assert r.returncode == ctl.Exit.REFUSED and "ENOENT" in r.stderr
         assert d.stop() == 0
+
+
+def test_exit_codes_are_the_documented_ones() -> None:
+    table = re.findall(r"^    (\d)  ([A-Z_]+) ", ctl.__doc__ or "", re.MULTILINE)
+    assert [(int(n), name) for n, name in table] == [(e.value, e.name) for e in ctl.Exit]
+    assert "0  OK " in ctl.parser().format_help()  # the table is khoctl --help's epilog
 
 
 def test_default_socket_comes_from_the_packaged_config() -> None:
@@ -207,7 +214,7 @@ def test_default_socket_comes_from_the_packaged_config() -> None:
         env=env,
         timeout=60,
     )
-    assert r.returncode == ctl.EXIT_UNREACHABLE
+    assert r.returncode == ctl.Exit.UNREACHABLE
     assert DEFAULT_SOCKET in r.stderr
 
 

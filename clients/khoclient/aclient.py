@@ -3,11 +3,18 @@
 A reader task routes replies to waiting calls by id; notifier callbacks
 (async functions) run as tasks of the client's nursery, so they may call the
 daemon themselves. Sends are serialized with a StrictFIFOLock.
+
+The nursery is entered on an :class:`contextlib.AsyncExitStack` in
+``__aenter__`` and left in ``__aexit__``. Each of the client's own tasks runs
+in a cancel scope of its own, so :meth:`AsyncClient.aclose` stops them (and
+closes the socket) without waiting and without cancelling the body of the
+``async with``: it is safe from a notifier callback as well as from the body.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import socket
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -32,6 +39,7 @@ from .core import (
     Veto,
     default_socket,
     notifier_event,
+    timeout_error,
 )
 
 T = TypeVar("T")
@@ -48,12 +56,22 @@ class _Waiter:
 
 
 class AsyncClient:
+    """``async with AsyncClient(path, session="db") as c: folio = await c.alloc_folio(9)``."""
+
     def __init__(
-        self, socket_path: str | None = None, session: str | None = None, persistent: bool = False
+        self,
+        socket_path: str | None = None,
+        session: str | None = None,
+        persistent: bool = False,
+        *,
+        timeout: float | None = 60.0,
+        on_handover: Callable[[int], None] | None = None,
     ) -> None:
         self.socket_path = default_socket(socket_path)
-        self.session_name = session
+        self.session = session
         self.persistent = persistent
+        self.timeout = timeout
+        self.on_handover = on_handover
         self.handed_over = trio.Event()
         self.hello_info: dict[str, Any] = {}
         self._core = Core()
@@ -61,8 +79,9 @@ class AsyncClient:
         self._lock = trio.StrictFIFOLock()
         self._pending: dict[int, _Waiter] = {}
         self._callbacks: dict[str, AsyncCallback] = {}
-        self._nursery_cm: Any = None
+        self._stack: contextlib.AsyncExitStack | None = None
         self._nursery: trio.Nursery | None = None
+        self._task_scopes: set[trio.CancelScope] = set()
         self._closed_reason: str | None = None
 
     async def __aenter__(self) -> AsyncClient:
@@ -75,48 +94,63 @@ class AsyncClient:
                 Errno.ENOENT, f"cannot reach khod at {self.socket_path}: {exc.strerror}"
             ) from None
         self._sock = sock
-        self._nursery_cm = trio.open_nursery()
-        self._nursery = await self._nursery_cm.__aenter__()
-        self._nursery.start_soon(self._read_loop)
-        if self.session_name is not None:
-            try:
-                await self.hello(self.session_name, self.persistent)
-            except BaseException:
-                await self.aclose()
-                raise
+        self._stack = contextlib.AsyncExitStack()
+        try:
+            self._nursery = await self._stack.enter_async_context(trio.open_nursery())
+            self._spawn(self._read_loop)
+            if self.session is not None:
+                await self.hello(self.session, self.persistent)
+        except BaseException:
+            await self._shutdown()
+            raise
         return self
 
     async def __aexit__(
         self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:
-        await self.aclose()
+        await self._shutdown()
 
     async def aclose(self) -> None:
-        try:
-            if self._nursery is not None:
-                self._nursery.cancel_scope.cancel()
-                if self._in_nursery():
-                    # called from a callback: the nursery finishes when the caller unwinds
-                    if self._sock is not None:
-                        self._sock.close()
-                    return
-                nursery_cm, self._nursery = self._nursery_cm, None
-                await nursery_cm.__aexit__(None, None, None)
-        finally:
-            if self._nursery is None:
-                if self._sock is not None:
-                    self._sock.close()
-                    self._sock = None
-                self._core.close_fds()
+        """Close the connection: stop the client's tasks and close the socket.
 
-    def _in_nursery(self) -> bool:
-        task: Any = trio.lowlevel.current_task()
-        while task is not None:
-            nursery = task.parent_nursery
-            if nursery is self._nursery:
-                return True
-            task = nursery.parent_task if nursery is not None else None
-        return False
+        Does not wait for the tasks to finish (``__aexit__`` does), so a
+        notifier callback may call it; calls made afterwards fail with EPROTO.
+        """
+        self._closed_reason = self._closed_reason or "connection closed"
+        for scope in self._task_scopes:
+            scope.cancel()
+        if self._sock is not None:
+            self._sock.close()
+
+    async def _shutdown(self) -> None:
+        """``aclose``, then wait for the client's tasks and release the passed fds."""
+        await self.aclose()
+        stack, self._stack = self._stack, None
+        try:
+            if stack is not None:
+                await stack.aclose()
+        finally:
+            self._nursery = None
+            self._sock = None
+            self._core.close_fds()
+
+    def _spawn(self, fn: Callable[..., Awaitable[None]], *args: Any) -> None:
+        """Start ``fn(*args)`` in the nursery, in a cancel scope :meth:`aclose` cancels."""
+        assert self._nursery is not None
+        scope = trio.CancelScope()
+        if self._closed_reason is not None:
+            scope.cancel()
+        self._task_scopes.add(scope)
+        self._nursery.start_soon(self._run_task, scope, fn, *args, name=fn)
+
+    async def _run_task(
+        self, scope: trio.CancelScope, fn: Callable[..., Awaitable[None]], *args: Any
+    ) -> None:
+        try:
+            with scope:
+                await fn(*args)
+        finally:
+            self._task_scopes.discard(scope)
 
     # ----------------------------------------------------------------- plumbing
 
@@ -141,7 +175,7 @@ class AsyncClient:
                     waiter.reply = reply
                     waiter.done.set()
         except (OSError, FrameError, KhoError) as exc:
-            self._closed_reason = f"connection lost: {exc}"
+            self._closed_reason = self._closed_reason or f"connection lost: {exc}"
         finally:
             self._closed_reason = self._closed_reason or "connection closed"
             for w in self._pending.values():
@@ -158,10 +192,12 @@ class AsyncClient:
             return
         if kind == "handover":
             self.handed_over.set()
+            if self.on_handover is not None:
+                self.on_handover(int(msg.get("generation", 0)))
             return
         ev = notifier_event(msg)
         if ev is not None and self._nursery is not None:
-            self._nursery.start_soon(self._run_callback, ev)
+            self._spawn(self._run_callback, ev)
 
     async def _run_callback(self, ev: NotifierEvent) -> None:
         cb = self._callbacks.get(ev.name)
@@ -177,24 +213,35 @@ class AsyncClient:
             await self.call(C.notify_reply(ev.token, ok, reason, error))
 
     async def call(
-        self, call: Call[T], *, progress: Callable[[dict[str, Any]], None] | None = None
+        self,
+        call: Call[T],
+        *,
+        progress: Callable[[dict[str, Any]], None] | None = None,
+        timeout: float | None = None,
     ) -> T:
+        """Send one request and wait for its reply."""
         if self._sock is None or self._closed_reason is not None:
             raise KhoError(Errno.EPROTO, self._closed_reason or "not connected")
         req_id, frame = self._core.frame(call)
         waiter = _Waiter(progress)
         self._pending[req_id] = waiter
+        limit = self.timeout if timeout is None else timeout
         try:
-            async with self._lock:
-                view = memoryview(frame)
-                while view:
-                    sent = await self._sock.send(view)
-                    view = view[sent:]
-        except OSError as exc:
-            self._pending.pop(req_id, None)
-            raise KhoError(Errno.EPROTO, f"sending {call.op} failed: {exc}") from None
-        await waiter.done.wait()
-        assert waiter.reply is not None
+            try:
+                async with self._lock:
+                    view = memoryview(frame)
+                    while view:
+                        sent = await self._sock.send(view)
+                        view = view[sent:]
+            except OSError as exc:
+                raise KhoError(Errno.EPROTO, f"sending {call.op} failed: {exc}") from None
+            with trio.move_on_after(math.inf if limit is None else limit):
+                await waiter.done.wait()
+        finally:
+            if waiter.reply is None:  # failed, timed out or cancelled: drop a late reply
+                self._pending.pop(req_id, None)
+        if waiter.reply is None:
+            raise timeout_error(call.op, limit)
         result: T = self._core.finish(call, waiter.reply)
         return result
 
@@ -202,11 +249,18 @@ class AsyncClient:
 
     async def hello(self, name: str, persistent: bool = False) -> dict[str, Any]:
         self.hello_info = await self.call(C.hello(name, persistent))
-        self.session_name = name
+        self.session, self.persistent = name, persistent
         return self.hello_info
 
     async def region(self) -> RegionInfo:
         return await self.call(C.region())
+
+    async def region_fd(self) -> int:
+        """The passed region fd (fetched on first use; owned by the client)."""
+        if self._core.region is None:
+            await self.region()
+        assert self._core.region is not None
+        return self._core.region[0]
 
     async def map(self, folio: Folio) -> memoryview:
         """A writable memoryview of the folio's bytes, mapped from the region fd (no copy)."""
@@ -214,13 +268,13 @@ class AsyncClient:
 
     async def map_phys(self, phys: int, size: int) -> memoryview:
         """A writable memoryview of whole pages at ``phys`` (several adjacent folios in one map)."""
-        if self._core.region is None:
-            await self.region()
+        await self.region_fd()
         return self._core.map(phys, size)
 
     async def subscribe(
         self, on_finalize: AsyncCallback | None = None, on_unfreeze: AsyncCallback | None = None
     ) -> list[str]:
+        """Register notifier callbacks; raise :class:`Veto` in ``on_finalize`` to veto."""
         self._callbacks = {
             k: v for k, v in (("finalize", on_finalize), ("unfreeze", on_unfreeze)) if v is not None
         }
@@ -319,14 +373,14 @@ class AsyncClient:
         return await self.call(C.fdt(which))
 
     async def finalize(
-        self, progress: Callable[[dict[str, Any]], None] | None = None
+        self, progress: Callable[[dict[str, Any]], None] | None = None, timeout: float | None = None
     ) -> dict[str, Any]:
-        return await self.call(C.finalize(), progress=progress)
+        return await self.call(C.finalize(), progress=progress, timeout=timeout)
 
     async def unfreeze(
-        self, progress: Callable[[dict[str, Any]], None] | None = None
+        self, progress: Callable[[dict[str, Any]], None] | None = None, timeout: float | None = None
     ) -> dict[str, Any]:
-        return await self.call(C.unfreeze(), progress=progress)
+        return await self.call(C.unfreeze(), progress=progress, timeout=timeout)
 
     async def handover(self) -> dict[str, Any]:
         return await self.call(C.handover())

@@ -32,6 +32,7 @@ from .core import (
     Veto,
     default_socket,
     notifier_event,
+    timeout_error,
 )
 
 T = TypeVar("T")
@@ -88,6 +89,7 @@ class Client:
         )
         self._dispatcher.start()
         self.session: str | None = None
+        self.persistent = persistent
         self.hello_info: dict[str, Any] = {}
         if session is not None:
             try:
@@ -193,7 +195,7 @@ class Client:
         if not waiter.done.wait(limit):
             with self._plock:
                 self._pending.pop(req_id, None)
-            raise KhoError(Errno.ETIMEDOUT, f"no reply to {call.op} within {limit} s")
+            raise timeout_error(call.op, limit)
         assert waiter.reply is not None
         result: T = self._core.finish(call, waiter.reply)
         return result
@@ -219,7 +221,7 @@ class Client:
 
     def hello(self, name: str, persistent: bool = False) -> dict[str, Any]:
         self.hello_info = self.call(C.hello(name, persistent))
-        self.session = name
+        self.session, self.persistent = name, persistent
         return self.hello_info
 
     def region(self) -> RegionInfo:
@@ -347,8 +349,10 @@ class Client:
     ) -> dict[str, Any]:
         return self.call(C.finalize(), progress=progress, timeout=timeout)
 
-    def unfreeze(self, progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
-        return self.call(C.unfreeze(), progress=progress)
+    def unfreeze(
+        self, progress: Callable[[dict[str, Any]], None] | None = None, timeout: float | None = None
+    ) -> dict[str, Any]:
+        return self.call(C.unfreeze(), progress=progress, timeout=timeout)
 
     def handover(self) -> dict[str, Any]:
         return self.call(C.handover())

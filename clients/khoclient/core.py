@@ -26,6 +26,11 @@ def default_socket(explicit: str | None = None) -> str:
     return explicit or os.environ.get("KHOD_SOCKET") or DEFAULT_SOCKET
 
 
+def timeout_error(op: str, limit: float | None) -> KhoError:
+    """What a call raises when no reply came within ``limit`` seconds (both clients)."""
+    return KhoError(Errno.ETIMEDOUT, f"no reply to {op} within {limit} s")
+
+
 class Veto(Exception):
     """Raise from a FINALIZE callback to veto the finalize, with a reason."""
 

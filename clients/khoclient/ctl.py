@@ -4,13 +4,13 @@
 
 Exit status says what kind of failure it was, so scripts can tell them apart:
 
-    0  done (for inspect: a successor would accept the region)
-    1  a local problem (writing a file, refusing binary output to a terminal)
-    2  usage
-    3  the daemon is unreachable
-    4  the daemon refused the request (the error code is printed)
-    5  inspect: a successor would refuse this region (the fault is printed)
-    6  inspect --expect-handover: the region holds no handover
+    0  OK           done (for inspect: a successor would accept the region)
+    1  LOCAL        a local problem (writing a file, refusing binary output to a terminal)
+    2  USAGE        usage
+    3  UNREACHABLE  the daemon is unreachable
+    4  REFUSED      the daemon refused the request (the error code is printed)
+    5  REJECT       inspect: a successor would refuse this region (the fault is printed)
+    6  NO_HANDOVER  inspect --expect-handover: the region holds no handover
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import json
 import os
 import sys
 from collections.abc import Callable, Sequence
+from enum import IntEnum
 from typing import Any, TextIO
 
 from khod.errors import KhoError
@@ -29,13 +30,27 @@ from khod.pids import pid_alive
 from .client import Client
 from .core import default_socket
 
-EXIT_OK, EXIT_LOCAL, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_REFUSED, EXIT_REJECT, EXIT_NO_HANDOVER = (
-    range(7)
-)
+
+class Exit(IntEnum):
+    """khoctl's exit status, as the module docstring (and ``khoctl --help``) lists it."""
+
+    OK = 0
+    LOCAL = 1
+    USAGE = 2  # argparse exits with 2 on its own
+    UNREACHABLE = 3
+    REFUSED = 4
+    REJECT = 5
+    NO_HANDOVER = 6
 
 
 class Unreachable(Exception):
     pass
+
+
+def emit_json(doc: Any, out: TextIO, indent: int | None = 2) -> None:
+    """``--json`` output: one document with sorted (stable) keys, then a newline."""
+    json.dump(doc, out, indent=indent, sort_keys=True)
+    out.write("\n")
 
 
 def human(n: int | float) -> str:
@@ -79,9 +94,8 @@ def cmd_status(args: argparse.Namespace, out: TextIO) -> int:
     with connect(args) as c:
         st = c.status()
     if args.json:
-        json.dump(st, out, indent=2, sort_keys=True)
-        out.write("\n")
-        return EXIT_OK
+        emit_json(st, out)
+        return Exit.OK
     r = st["region"]
     out.write(
         f"khod  state {st['state']}  generation {st['generation']}  pid {st['pid']}  "
@@ -125,7 +139,7 @@ def cmd_status(args: argparse.Namespace, out: TextIO) -> int:
         out.write(
             f"last finalize  generation {last['generation']}, {human(last['total_bytes'])} in {last.get('duration_ms', last['commit_ms'])} ms\n"
         )
-    return EXIT_OK
+    return Exit.OK
 
 
 def _sessions_table(st: dict[str, Any], out: TextIO) -> None:
@@ -154,13 +168,10 @@ def cmd_sessions(args: argparse.Namespace, out: TextIO) -> int:
     with connect(args) as c:
         st = c.status()
     if args.json:
-        json.dump(
-            {"sessions": st["sessions"], "incoming": st["incoming"]}, out, indent=2, sort_keys=True
-        )
-        out.write("\n")
-        return EXIT_OK
+        emit_json({"sessions": st["sessions"], "incoming": st["incoming"]}, out)
+        return Exit.OK
     _sessions_table(st, out)
-    return EXIT_OK
+    return Exit.OK
 
 
 def cmd_finalize(args: argparse.Namespace, out: TextIO) -> int:
@@ -198,13 +209,11 @@ def cmd_finalize(args: argparse.Namespace, out: TextIO) -> int:
             summary = c.finalize(progress=progress, timeout=args.timeout)
         except KhoError:
             if args.json:
-                json.dump({"progress": events}, sys.stderr)
-                sys.stderr.write("\n")
+                emit_json({"progress": events}, sys.stderr, indent=None)
             raise
     if args.json:
-        json.dump({"summary": summary, "progress": events}, out, indent=2, sort_keys=True)
-        out.write("\n")
-        return EXIT_OK
+        emit_json({"summary": summary, "progress": events}, out)
+        return Exit.OK
     out.write(
         f"finalized: generation {summary['generation']} committed in {summary['duration_ms']} ms; "
         f"{human(summary['total_bytes'])} preserved, {summary['chunk_pages']} chunk pages, "
@@ -221,7 +230,7 @@ def cmd_finalize(args: argparse.Namespace, out: TextIO) -> int:
     ]
     if rows:
         table(rows, ["ORDER", "FOLIOS", "BYTES"], out)
-    return EXIT_OK
+    return Exit.OK
 
 
 def _simple(
@@ -231,11 +240,10 @@ def _simple(
         with connect(args) as c:
             result = op(c)
         if args.json:
-            json.dump(result, out, indent=2, sort_keys=True)
-            out.write("\n")
+            emit_json(result, out)
         else:
             out.write(done(result) + "\n")
-        return EXIT_OK
+        return Exit.OK
 
     return run
 
@@ -258,14 +266,13 @@ def cmd_release(args: argparse.Namespace, out: TextIO) -> int:
     with connect(args) as c:
         r = c.release_unclaimed(args.session)
     if args.json:
-        json.dump(r, out, indent=2, sort_keys=True)
-        out.write("\n")
+        emit_json(r, out)
     else:
         dropped = ", ".join(r["dropped_sessions"]) or "none"
         out.write(
             f"released {human(r['released_bytes'])} of unclaimed incoming memory; dropped sessions: {dropped}\n"
         )
-    return EXIT_OK
+    return Exit.OK
 
 
 def cmd_fdt(args: argparse.Namespace, out: TextIO) -> int:
@@ -274,23 +281,23 @@ def cmd_fdt(args: argparse.Namespace, out: TextIO) -> int:
             "khoctl: refusing to write a binary DTB to a terminal; use -o FILE, or pipe it: "
             f"khoctl fdt {args.which} | dtc -I dtb -O dts\n"
         )
-        return EXIT_LOCAL
+        return Exit.LOCAL
     with connect(args) as c:
         blob = c.fdt(args.which)
     if args.output is None:
         sys.stdout.flush()
         sys.stdout.buffer.write(blob)
         sys.stdout.buffer.flush()
-        return EXIT_OK
+        return Exit.OK
     try:
         with open(args.output, "wb") as f:
             f.write(blob)
     except OSError as exc:
         sys.stderr.write(f"khoctl: cannot write {args.output}: {exc.strerror}\n")
-        return EXIT_LOCAL
+        return Exit.LOCAL
     if not args.json:
         sys.stderr.write(f"wrote {len(blob)} bytes of DTB ({args.which}) to {args.output}\n")
-    return EXIT_OK
+    return Exit.OK
 
 
 def cmd_inspect(args: argparse.Namespace, out: TextIO) -> int:
@@ -298,17 +305,16 @@ def cmd_inspect(args: argparse.Namespace, out: TextIO) -> int:
         rep = inspect_region(args.region, args.base, pid_alive=pid_alive)
     except KhoError as exc:
         sys.stderr.write(f"khoctl: inspect: {exc.message}\n")
-        return EXIT_LOCAL
+        return Exit.LOCAL
     if args.json:
-        json.dump(rep.as_dict(), out, indent=2, sort_keys=True)
-        out.write("\n")
+        emit_json(rep.as_dict(), out)
     else:
         _print_report(rep, out)
     if not rep.accepted:
-        return EXIT_REJECT
+        return Exit.REJECT
     if args.expect_handover and rep.verdict != "populate":
-        return EXIT_NO_HANDOVER
-    return EXIT_OK
+        return Exit.NO_HANDOVER
+    return Exit.OK
 
 
 def _print_report(rep: Report, out: TextIO) -> None:
@@ -398,7 +404,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--expect-handover",
         action="store_true",
-        help="exit 6 unless the region holds a handover to take in",
+        help=f"exit {Exit.NO_HANDOVER:d} unless the region holds a handover to take in",
     )
     return ap
 
@@ -423,13 +429,13 @@ def run(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
         return COMMANDS[args.command](args, out)
     except Unreachable as exc:
         sys.stderr.write(f"khoctl: khod unreachable: {exc}\n")
-        return EXIT_UNREACHABLE
+        return Exit.UNREACHABLE
     except KhoError as exc:
         sys.stderr.write(f"khoctl: {args.command}: {exc.code}: {exc.message}\n")
-        return EXIT_REFUSED
+        return Exit.REFUSED
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return EXIT_LOCAL
+        return Exit.LOCAL
 
 
 def main() -> None:
