@@ -27,20 +27,10 @@ from khod.kho.handover import ROOT_NODES, Committed, Hook, SessionImage, commit,
 from khod.kho.memory import ScratchRange
 from khod.kho.record import RecordState, live_record, write_record
 from khod.kho.tracker import Tracker
-from khod.kho.tree import Node, TreeLimits, check_node_name, descend, split_path
-from khod.pages import I64, NR_ORDERS, PAGE_SHIFT, PAGE_SIZE, folio_bytes, split_range
+from khod.kho.tree import Node, Tree, TreeLimits, check_node_name, descend, split_path
+from khod.pages import I64, PAGE_SHIFT, PAGE_SIZE, split_range
 from khod.region import Region
-from khod.results import (
-    CommitSummary,
-    IncomingInfo,
-    IncomingSessionInfo,
-    NodeListing,
-    OrderCount,
-    RegionUsage,
-    ReleaseResult,
-    SessionBytes,
-    SessionInfo,
-)
+from khod.results import CommitSummary, NodeListing, ReleaseResult, SessionBytes
 from khod.session import IncomingState, Session
 
 
@@ -300,25 +290,10 @@ class Engine:
 
     # ================================================================= tree (outgoing)
 
-    def add_node(self, s: Session, path: str) -> bool:
+    def editable_tree(self, s: Session) -> Tree:
+        """``s``'s outgoing tree, to edit now; refused after the freeze."""
         self._editable("the KHO tree")
-        return s.tree.add_node(path)
-
-    def add_prop(self, s: Session, path: str, name: str, value: bytes) -> bool:
-        self._editable("the KHO tree")
-        return s.tree.add_prop(path, name, value)
-
-    def add_string_prop(self, s: Session, path: str, name: str, value: str) -> bool:
-        self._editable("the KHO tree")
-        return s.tree.add_string_prop(path, name, value)
-
-    def remove_node(self, s: Session, path: str) -> None:
-        self._editable("the KHO tree")
-        s.tree.remove_node(path)
-
-    def remove_prop(self, s: Session, path: str, name: str) -> bytes:
-        self._editable("the KHO tree")
-        return s.tree.remove_prop(path, name)
+        return s.tree
 
     def get_node(self, s: Session, path: str, which: str) -> NodeListing:
         node = self._tree_node(s, path, which)
@@ -505,75 +480,6 @@ class Engine:
         rec = live_record(self.region, self.scratch, self.generation, 0, RecordState.CLEAN)
         write_record(self.region, rec)
 
-    # ================================================================= reporting
-
-    def incoming_unclaimed_bytes(self) -> int:
-        return sum(inc.unclaimed.total_bytes() for inc in self.incoming.values())
-
-    def preserved_folios(self) -> list[int]:
-        """Folios preserved for the next handover, per order (index = order)."""
-        folios = [0] * NR_ORDERS
-        for s in self.sessions.values():
-            for st in s.tracker.stats():
-                folios[st.order] += st.folios
-        return folios
-
-    def region_usage(self) -> RegionUsage:
-        u = self.allocator.usage()
-        meta = self.committed.metadata_bytes if self.committed is not None else 0
-        return RegionUsage(
-            backend=self.region.backend,
-            path=self.region.path,
-            base=self.region.base,
-            size=self.region.size,
-            free=u.free,
-            allocated=u.allocated - meta,
-            preserved=sum(s.tracker.total_bytes() for s in self.sessions.values()),
-            metadata=meta,
-            reserved_incoming=u.reserved - PAGE_SIZE,
-            reserved=u.reserved,
-            scratch=u.scratch,
-            scratch_free=u.scratch_free,
-        )
-
-    def session_infos(self) -> tuple[SessionInfo, ...]:
-        return tuple(_session_info(s) for s in sorted(self.sessions.values(), key=lambda s: s.name))
-
-    def incoming_info(self) -> IncomingInfo:
-        return IncomingInfo(
-            unclaimed_bytes=self.incoming_unclaimed_bytes(),
-            sessions=tuple(
-                IncomingSessionInfo(
-                    name=inc.name,
-                    uid=inc.uid,
-                    claimed=inc.claimed,
-                    unclaimed_bytes=inc.unclaimed.total_bytes(),
-                    unclaimed_folios=inc.unclaimed.count(),
-                )
-                for inc in sorted(self.incoming.values(), key=lambda i: i.name)
-            ),
-        )
-
 
 _NOT_ALLOCATED = (Errno.EINVAL, "the start of an allocation")
 _NOT_PRESERVED = (Errno.ENOENT, "preserved")
-
-
-def _session_info(s: Session) -> SessionInfo:
-    return SessionInfo(
-        name=s.name,
-        uid=s.uid,
-        persistent=s.persistent,
-        connections=len(s.connections),
-        allocated_bytes=s.allocated_bytes,
-        preserved_bytes=s.tracker.total_bytes(),
-        preserved={str(st.order): OrderCount(st.folios, st.bytes) for st in s.tracker.stats()},
-        tree_nodes=s.tree.nodes,
-        tree_bytes=s.tree.size,
-        incoming_unclaimed_bytes=s.incoming.unclaimed.total_bytes() if s.incoming else 0,
-    )
-
-
-def folio_sizes(orders: list[int]) -> int:
-    """Bytes of folios of the given orders."""
-    return sum(folio_bytes(o) for o in orders)

@@ -35,7 +35,7 @@ from prometheus_client.core import (
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
-from khod import __version__
+from khod import __version__, status
 from khod.config import parse_listen
 from khod.engine import Engine
 from khod.errors import Errno, Fault
@@ -99,7 +99,7 @@ class _EngineCollector(Collector):
                 "python": platform.python_version(),
             },
         )
-        folios = e.preserved_folios()
+        folios = status.preserved_folios(e)
         pb = GaugeMetricFamily(
             "khod_preserved_bytes",
             "Bytes preserved for the next handover, by folio order",
@@ -119,7 +119,7 @@ class _EngineCollector(Collector):
         yield GaugeMetricFamily(
             "khod_clients_connected", "Open client connections", value=len(self.m.connections)
         )
-        region = e.region_usage()
+        region = status.region_usage(e)
         rb = GaugeMetricFamily("khod_region_bytes", "Region bytes by use", labels=["use"])
         for use in REGION_USES:
             rb.add_metric([use], getattr(region, use))
@@ -127,7 +127,7 @@ class _EngineCollector(Collector):
         yield GaugeMetricFamily(
             "khod_incoming_unclaimed_bytes",
             "Handed-over bytes not restored yet",
-            value=e.incoming_unclaimed_bytes(),
+            value=status.incoming_unclaimed_bytes(e),
         )
         yield GaugeMetricFamily(
             "khod_populate_duration_seconds",

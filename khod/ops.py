@@ -10,16 +10,15 @@ the result (an engine result is serialized by :mod:`khod.dispatch`).
 
 from __future__ import annotations
 
-import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from khod import status
 from khod.args import Args
 from khod.context import Caller, Context, Outcome
 from khod.errors import einval, eperm
 from khod.pages import folio_bytes
-from khod.results import Status
 from khod.session import Session
 
 Handler = Callable[[Context, Caller, Args, int], Any]
@@ -281,7 +280,7 @@ def _restore_phys(ctx: Context, s: Session, a: Args) -> Any:
 def _add_node(ctx: Context, s: Session, a: Args) -> Any:
     path = a.string("path", MAX_PATH)
     a.done()
-    return {"created": ctx.engine.add_node(s, path)}
+    return {"created": ctx.engine.editable_tree(s).add_node(path)}
 
 
 @session_op("add_prop")
@@ -289,7 +288,7 @@ def _add_prop(ctx: Context, s: Session, a: Args) -> Any:
     path, name = a.string("path", MAX_PATH), a.string("name", MAX_NAME)
     value = a.blob("value", MAX_VALUE)
     a.done()
-    return {"added": ctx.engine.add_prop(s, path, name, value)}
+    return {"added": ctx.engine.editable_tree(s).add_prop(path, name, value)}
 
 
 @session_op("add_string_prop")
@@ -297,14 +296,14 @@ def _add_string_prop(ctx: Context, s: Session, a: Args) -> Any:
     path, name = a.string("path", MAX_PATH), a.string("name", MAX_NAME)
     value = a.string("value", MAX_VALUE)
     a.done()
-    return {"added": ctx.engine.add_string_prop(s, path, name, value)}
+    return {"added": ctx.engine.editable_tree(s).add_string_prop(path, name, value)}
 
 
 @session_op("remove_node")
 def _remove_node(ctx: Context, s: Session, a: Args) -> Any:
     path = a.string("path", MAX_PATH)
     a.done()
-    ctx.engine.remove_node(s, path)
+    ctx.engine.editable_tree(s).remove_node(path)
     return {}
 
 
@@ -312,7 +311,7 @@ def _remove_node(ctx: Context, s: Session, a: Args) -> Any:
 def _remove_prop(ctx: Context, s: Session, a: Args) -> Any:
     path, name = a.string("path", MAX_PATH), a.string("name", MAX_NAME)
     a.done()
-    return {"value": ctx.engine.remove_prop(s, path, name)}
+    return {"value": ctx.engine.editable_tree(s).remove_prop(path, name)}
 
 
 @session_op("get_node")
@@ -337,18 +336,7 @@ def _get_prop(ctx: Context, s: Session, a: Args) -> Any:
 @op("status")
 def _status(ctx: Context, caller: Caller, a: Args, _: int) -> Any:
     a.done()
-    e, life = ctx.engine, ctx.lifecycle
-    return Status(
-        state=str(life.state),
-        generation=e.generation,
-        pid=os.getpid(),
-        region=e.region_usage(),
-        sessions=e.session_infos(),
-        incoming=e.incoming_info(),
-        last_finalize=life.last_finalize,
-        connections=ctx.connection_count(),
-        frozen=e.frozen,
-    )
+    return status.snapshot(ctx.engine, ctx.lifecycle, ctx.connection_count())
 
 
 @op("fdt", operator=True)
