@@ -220,43 +220,48 @@ class Lifecycle:
         self._fire(Step.FINALIZE)
         self.engine.hold()
         t0 = time.perf_counter()
+        outcome = "error"
         self.log.info(
             "finalize.start",
             sessions=len(self.engine.sessions),
             generation=self.engine.generation + 1,
         )
         self.announce("finalizing: FINALIZE notifiers")
-        result = await self._round("finalize", progress, stop_on_failure=True)
-        if result.failure is not None:
-            session, status, reason = result.failure
-            await self._abort(progress, f"{status} from {session!r}: {reason}")
-            self._count_finalize(_OUTCOME.get(status, "error"), t0)
-            code = {"veto": "EBUSY", "timeout": "ETIMEDOUT"}.get(status, "EPROTO")
-            raise KhoError(
-                code,
-                f"finalize {_FAILED.get(status, 'failed in')} session {session!r}: {reason}",
-            )
-        self.hook(FaultPoint.FINALIZE_NOTIFIED)
-        progress(phase="finalize", status="freezing")
-        self._fire(Step.FREEZE)
-        self.engine.freeze()
         try:
+            result = await self._round("finalize", progress, stop_on_failure=True)
+            if result.failure is not None:
+                session, status, reason = result.failure
+                outcome = _OUTCOME.get(status, "error")
+                await self._abort(progress, f"{status} from {session!r}: {reason}")
+                code = {"veto": "EBUSY", "timeout": "ETIMEDOUT"}.get(status, "EPROTO")
+                raise KhoError(
+                    code,
+                    f"finalize {_FAILED.get(status, 'failed in')} session {session!r}: {reason}",
+                )
+            self.hook(FaultPoint.FINALIZE_NOTIFIED)
+            progress(phase="finalize", status="freezing")
+            self._fire(Step.FREEZE)
+            self.engine.freeze()
             summary = self.engine.commit()
+            self._fire(Step.COMMIT)
+            outcome = "ok"
         except BaseException as exc:
-            reason = exc.message if isinstance(exc, KhoError) else repr(exc)
-            self.log.error("finalize.failed", reason=reason)
-            if isinstance(exc, Exception):
+            if self.state in (State.FINALIZING, State.FROZEN):
+                # a failed commit, or the finalize was cancelled (its requester went away,
+                # the daemon stops): never leave the daemon holding or frozen
+                if isinstance(exc, trio.Cancelled):
+                    reason = "cancelled: the requester's connection broke or the daemon stops"
+                else:
+                    reason = exc.message if isinstance(exc, KhoError) else repr(exc)
+                self.log.error("finalize.failed", reason=reason)
                 await self._abort(progress, reason)
-            else:  # cancelled: no notifier round can run, but the state must not stay frozen
-                self._abort_now(reason)
-            self._count_finalize("error", t0)
             raise
-        self._fire(Step.COMMIT)
+        finally:
+            self._count_finalize(outcome, t0)
         done = FinalizeResult.of(
             summary, round((time.perf_counter() - t0) * 1e3, 3), result.answered
         )
         self.last_finalize = done
-        self._count_finalize("ok", t0)
         self.log.info(
             "finalize.done",
             generation=done.generation,
@@ -273,16 +278,17 @@ class Lifecycle:
         if self.metrics is not None:
             self.metrics.finalize(outcome, time.perf_counter() - t0)
 
-    def _abort_now(self, reason: str) -> None:
-        """FINALIZING or FROZEN -> ACTIVE: every preservation stays as it was."""
+    async def _abort(self, progress: Progress, reason: str) -> None:
+        """FINALIZING or FROZEN -> ACTIVE with every preservation as it was, then UNFREEZE.
+
+        The UNFREEZE events go out before the first checkpoint, so even a
+        cancelled abort tells every session that paused for the finalize.
+        """
         self.log.warning("finalize.aborted", reason=reason)
         self._fire(Step.ABORT)
         self._log_swept(self.engine.release(), "no connection after abort")
-
-    async def _abort(self, progress: Progress, reason: str) -> None:
-        self._abort_now(reason)
-        await self._round("unfreeze", progress, stop_on_failure=False)
         self.announce("active")
+        await self._round("unfreeze", progress, stop_on_failure=False)
 
     def _log_swept(self, names: list[str], reason: str) -> None:
         for name in names:

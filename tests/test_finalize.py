@@ -225,3 +225,47 @@ async def test_pushes_to_a_client_that_never_reads_close_it(shm_dir: Path) -> No
             await fast.ping()  # everyone else carries on
             await raw.aclose()
         assert conn_seen.is_set()
+
+
+async def test_an_operator_gone_mid_finalize_aborts_it(shm_dir: Path) -> None:
+    """The requester's connection breaks while the notifiers run: the finalize is
+    cancelled, and it must abort -- not leave the daemon holding or frozen."""
+    async with (
+        inproc_daemon(shm_dir) as d,
+        AsyncClient(d.socket, "vmm", persistent=True) as vmm,
+        AsyncClient(d.socket, "db", persistent=True) as db,
+    ):
+        folio = await vmm.alloc_folio(0)
+        await vmm.preserve_folio(folio)
+        asked, op_gone, both_unfrozen = trio.Event(), trio.Event(), trio.Event()
+        unfrozen: list[str] = []
+
+        async def vmm_answers_late(ev: NotifierEvent) -> None:
+            asked.set()
+            await op_gone.wait()  # its ok becomes a progress event to a closed socket
+
+        async def db_never_answers(ev: NotifierEvent) -> None:
+            if not op_gone.is_set():
+                await trio.sleep_forever()
+
+        async def note(ev: NotifierEvent) -> None:
+            unfrozen.append(ev.name)
+            if len(unfrozen) == 2:
+                both_unfrozen.set()
+
+        await vmm.subscribe(on_finalize=vmm_answers_late, on_unfreeze=note)
+        await db.subscribe(on_finalize=db_never_answers, on_unfreeze=note)  # the first time
+        op = await trio.open_unix_socket(d.socket)
+        await op.send_all(encode({"id": 1, "op": "finalize"}))
+        with trio.fail_after(5):
+            await asked.wait()
+        await op.aclose()
+        op_gone.set()
+        with trio.fail_after(5):
+            await both_unfrozen.wait()
+        async with AsyncClient(d.socket) as again:
+            st = await again.status()
+            assert st["state"] == "active" and not st["frozen"]
+            assert st["sessions"][1]["preserved_bytes"] == PAGE
+            await again.finalize()  # and the daemon can finalize again
+        assert "finalize.aborted" in d.log.getvalue()
