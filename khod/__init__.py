@@ -2,7 +2,8 @@
 
 Workloads allocate folios of a memory region from khod, preserve them, and
 get them back, in place and without a copy, from khod's successor after a
-live update. See DESIGN.md for the contracts and README.md for a tour.
+live update. docs/design.md describes the daemon, docs/format.md the bytes it
+writes, docs/protocol.md its wire protocol; README.md gives the tour.
 """
 
 __version__ = "0.1.0"

@@ -2,7 +2,7 @@
 
 Every failure that crosses a boundary (a client request, a byte read back
 from a region, a config value) becomes a :class:`KhoError` carrying one of
-the errno-style codes of DESIGN §5 and a message that names the fault.
+the errno-style codes of docs/protocol.md §4 and a message that names the fault.
 Handover validation failures are a subclass that also names the fault class,
 so metrics and operators can tell a CRC mismatch from a chunk-list loop.
 """
@@ -39,7 +39,7 @@ class KhoError(Exception):
 
 
 class Fault(StrEnum):
-    """Why a successor refuses a handover (one per class of DESIGN §3)."""
+    """Why a successor refuses a handover (one per check class of docs/format.md §8)."""
 
     BAD_RECORD = "bad_record"
     REGION_MISMATCH = "region_mismatch"

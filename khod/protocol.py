@@ -1,4 +1,4 @@
-"""The wire protocol: msgpack maps over a Unix stream socket (DESIGN §5).
+"""The wire protocol: msgpack maps over a Unix stream socket (docs/protocol.md).
 
 Sans-I/O, shared by the daemon and the client library. One message is one
 msgpack map:

@@ -27,7 +27,7 @@ settings.register_profile(
 settings.register_profile("thorough", parent=settings.get_profile("khod"), max_examples=600)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "khod"))
 
-BASE = 0x1_0000_0000  # regions in tests sit at 4 GiB, as in DESIGN's example
+BASE = 0x1_0000_0000  # regions in tests sit at 4 GiB, as in docs/format.md §9
 
 
 @pytest.fixture

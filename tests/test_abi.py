@@ -1,4 +1,4 @@
-"""Byte layouts of DESIGN §3, pinned by hand-computed golden bytes."""
+"""Byte layouts of docs/format.md §3-§7, pinned by hand-computed golden bytes."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""A whole handover written and read back, and one refusal per fault class of DESIGN §3."""
+"""A whole handover written and read back, and one refusal per fault class of docs/format.md §8."""
 
 from __future__ import annotations
 

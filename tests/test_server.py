@@ -155,7 +155,7 @@ async def test_memory_ops_and_their_errors(shm_dir: Path) -> None:
         assert await a.preserve_folios(np.array(phys, dtype=np.uint64), 0) == 64
         await expect(Errno.ENOENT, a.unpreserve_folios([phys[0], page.phys]), "not preserved")
         assert await a.unpreserve_folios(phys) == 64  # orders looked up
-        # ranges: split per DESIGN, exact unpreserve
+        # ranges: split per docs/format.md §5, exact unpreserve
         block = await a.alloc_folio(4)
         got = await a.preserve_phys(block.phys + PAGE, 6 * PAGE)
         assert [(f.phys - block.phys, f.order) for f in got] == [

@@ -1,4 +1,4 @@
-"""khoclient: the Python client library for khod (DESIGN §6).
+"""khoclient: the Python client library for khod (docs/protocol.md is what it speaks).
 
 ``Client`` is blocking (a context manager, thread-safe); ``AsyncClient`` is
 its trio twin. Both have one method per daemon operation, raise

@@ -1,4 +1,4 @@
-"""khoctl: the operator's command line for khod (DESIGN §6).
+"""khoctl: the operator's command line for khod (README.md, "Using it").
 
     khoctl [--socket PATH] [--json] COMMAND ...
 

@@ -64,7 +64,7 @@ def set_bit_positions(rows: npt.NDArray[np.uint64]) -> npt.NDArray[np.int64]:
     """Flat bit positions set in ``rows`` (n x 64 little-endian words).
 
     Two stages keep sparse sets cheap: find the non-zero words first, then
-    unpack only those (DESIGN's reference measured 30x on 0.01% density).
+    unpack only those (about 30x faster at 0.01% density than unpacking all).
     """
     words = np.ascontiguousarray(rows, dtype=LE_U64).reshape(-1)
     nz = np.flatnonzero(words)
