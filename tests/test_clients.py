@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.lowlevel
+import trio.testing
 from khoclient import AsyncClient, Client, KhoError, NotifierEvent
 from khoclient import calls as C
 
@@ -67,12 +69,13 @@ async def test_aclose_from_the_body_leaves_the_body_running(shm_dir: Path) -> No
         async with AsyncClient(d.socket, "gone") as c:
             await c.ping()
             await c.aclose()
-            await trio.sleep(0.01)  # not cancelled: aclose stops the client, not the caller
+            await trio.lowlevel.checkpoint()  # not cancelled: aclose stops the client only
             with pytest.raises(KhoError) as e:
                 await c.ping()
             assert e.value.code is Errno.EPROTO
             assert "connection closed" in e.value.message
             await c.aclose()  # twice is fine
+        await trio.testing.wait_all_tasks_blocked()  # the daemon has read the EOF
         async with AsyncClient(d.socket) as op:
             st = await op.status()
         assert "gone" not in [s["name"] for s in st["sessions"]]

@@ -27,6 +27,7 @@ from khod.errors import KhoError
 from khod.inspect import Report, inspect_region
 from khod.pids import pid_alive
 
+from .calls import PAGE_SIZE
 from .client import Client
 from .core import default_socket
 
@@ -76,7 +77,7 @@ def table(
 def orders_text(orders: dict[str, Any]) -> str:
     parts = []
     for order, v in sorted(orders.items(), key=lambda kv: int(kv[0])):
-        parts.append(f"o{order}: {v['folios']} x {human(4096 << int(order))}")
+        parts.append(f"o{order}: {v['folios']} x {human(PAGE_SIZE << int(order))}")
     return ", ".join(parts) or "-"
 
 
