@@ -20,15 +20,16 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from typing import TypeVar
 
 import numpy as np
 from report import print_figures
 
-from khod.engine import layout
-from khod.kho.chunklist import deserialize, serialize
+from khod.kho.chunklist import SerializedList, deserialize, serialize
 from khod.kho.tracker import Tracker
 from khod.pages import PAGE_SHIFT, PAGE_SIZE
 from khod.region import open_region
+from khod.startup import layout
 
 BASE = 0x1_0000_0000
 REGION = 96 << 30
@@ -36,11 +37,13 @@ SCRATCH = 64 << 20
 ORDER0 = 1 << 24  # 64 GiB of 4 KiB folios
 ORDER9 = 10_000
 
+T = TypeVar("T")
 
-def best(fn: Callable[[], object], repeat: int) -> tuple[float, object]:
+
+def best(fn: Callable[[], T], repeat: int) -> tuple[float, T]:
     """Fastest wall time of ``repeat`` runs (the machine is shared and noisy)."""
-    times, result = [], None
-    for _ in range(repeat):
+    times = []
+    for _ in range(max(repeat, 1)):
         gc.collect()
         t0 = time.perf_counter()
         result = fn()
@@ -81,7 +84,7 @@ def main() -> int:
             first, count = tracker.runs(order)
             alloc.reserve_runs(first, count << order)
 
-        outs = []
+        outs: list[SerializedList] = []
 
         def ser() -> None:
             if outs:  # give the previous run's pages back, as unfreeze would

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from typing import Any
 
-Targets = dict[str, tuple[str, float]]
+Targets = Mapping[str, tuple[str, float]]
 
 
 def print_figures(title: str, figures: dict[str, Any], targets: Targets, as_json: bool) -> None:
