@@ -16,7 +16,12 @@ from pathlib import Path
 from typing import Any
 
 from khod.errors import Errno, KhoError
+from khod.kho.handover import FDT_FIXED_BYTES, MAX_FDT_BYTES
+from khod.kho.tree import FDT_MAX_FANOUT, FDT_MAX_NODES
 from khod.pages import PAGE_SIZE
+
+# The root of a KHO FDT holds /preserved-memory, /khod and one node per session.
+MAX_SESSION_NODES = FDT_MAX_FANOUT - 2
 
 DEFAULT_CONFIG_PATH = "/etc/khod/khod.toml"
 DEFAULT_SOCKET = "/run/khod/khod.sock"
@@ -34,6 +39,7 @@ class RegionConfig:
     base: int = 0x1_0000_0000
     size: int | None = 1 << 30  # None: the dax backend maps the whole device ("auto")
     scratch_size: int = 16 << 20
+    preallocate: bool = False
 
 
 @dataclass(frozen=True)
@@ -56,11 +62,13 @@ class MetricsConfig:
 class LimitsConfig:
     max_frame: int = 16 << 20
     max_batch: int = 1 << 20
-    max_sessions: int = 1024
+    max_sessions: int = MAX_SESSION_NODES
     max_connections_per_uid: int = 64
     send_queue: int = 256
     tree_max_nodes: int = 4096
     tree_max_bytes: int = 1 << 20
+    tree_total_nodes: int = 1 << 14
+    tree_total_bytes: int = 16 << 20
 
 
 @dataclass(frozen=True)
@@ -97,6 +105,7 @@ SIZE_KEYS = {
     ("region", "scratch_size"),
     ("limits", "max_frame"),
     ("limits", "tree_max_bytes"),
+    ("limits", "tree_total_bytes"),
 }
 _SIZE = re.compile(r"\s*(0[xX][0-9a-fA-F]+|\d+)\s*([KMGTkmgt]?)(i?[Bb])?\s*")
 
@@ -221,9 +230,26 @@ def validate(cfg: Config) -> None:
         "max_connections_per_uid",
         "send_queue",
         "tree_max_nodes",
+        "tree_total_nodes",
     ):
         if getattr(lim, key) < 1:
             raise ConfigError(f"{src}: limits.{key} must be at least 1")
+    # What one khod writes, every khod must read: the handover's bounds are the format's.
+    if lim.max_sessions > MAX_SESSION_NODES:
+        raise ConfigError(
+            f"{src}: limits.max_sessions {lim.max_sessions} is more than one handover carries "
+            f"({MAX_SESSION_NODES} session nodes)"
+        )
+    if lim.tree_total_nodes > FDT_MAX_NODES - 3:
+        raise ConfigError(
+            f"{src}: limits.tree_total_nodes {lim.tree_total_nodes} is more than a KHO FDT "
+            f"may hold ({FDT_MAX_NODES - 3} besides khod's own)"
+        )
+    if lim.tree_total_bytes > MAX_FDT_BYTES - FDT_FIXED_BYTES:
+        raise ConfigError(
+            f"{src}: limits.tree_total_bytes {lim.tree_total_bytes} is more than a KHO FDT "
+            f"may hold ({MAX_FDT_BYTES - FDT_FIXED_BYTES} besides khod's own)"
+        )
     if cfg.logging.level not in ("debug", "info", "warning", "error"):
         raise ConfigError(f"{src}: logging.level must be debug, info, warning or error")
     if cfg.logging.format not in ("logfmt", "json"):

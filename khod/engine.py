@@ -10,7 +10,14 @@ so sessions are kept even when their last connection closes -- and
 ``frozen`` -- preservation and tree edits are refused. :meth:`_editable` is
 the one place that refuses an edit after the freeze. Every method runs to
 completion on the event loop thread, so no edit can be half-done when the
-lifecycle freezes.
+lifecycle freezes. While a handover is committed, none of its memory can be
+freed (:meth:`_freeable`).
+
+A successor leaves the predecessor's handover record on the region, and its
+metadata pages reserved, until it first changes what that handover
+describes -- a restore, a release or a finalize (:meth:`_take_over`). A
+successor that dies or stops before then leaves the handover for the next
+start to take in whole.
 """
 
 from __future__ import annotations
@@ -22,12 +29,30 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from khod.allocator import Allocator
+from khod.config import MAX_SESSION_NODES
 from khod.errors import Errno, KhoError, ebusy, einval, enoent, enomem, eperm
-from khod.kho.handover import ROOT_NODES, Committed, Hook, SessionImage, commit, no_hook
+from khod.faults import FaultPoint
+from khod.kho.handover import (
+    ROOT_NAMES,
+    Committed,
+    Hook,
+    SessionImage,
+    commit,
+    no_hook,
+    session_node_bytes,
+)
 from khod.kho.memory import ScratchRange
-from khod.kho.record import RecordState, live_record, write_record
+from khod.kho.record import HandoverRecord, RecordState, live_record, write_record
 from khod.kho.tracker import Tracker
-from khod.kho.tree import Node, Tree, TreeLimits, check_node_name, descend, split_path
+from khod.kho.tree import (
+    Node,
+    Tree,
+    TreeBudget,
+    TreeLimits,
+    check_node_name,
+    descend,
+    split_path,
+)
 from khod.pages import I64, PAGE_SHIFT, PAGE_SIZE, split_range
 from khod.region import Region
 from khod.results import CommitSummary, NodeListing, ReleaseResult, SessionBytes
@@ -36,9 +61,19 @@ from khod.session import IncomingState, Session
 
 @dataclass(frozen=True)
 class EngineLimits:
-    max_sessions: int = 1024
+    max_sessions: int = MAX_SESSION_NODES  # live and carried-forward sessions together
     max_batch: int = 1 << 20
-    tree: TreeLimits = field(default_factory=TreeLimits)
+    tree: TreeLimits = field(default_factory=TreeLimits)  # one session's tree
+    tree_total_nodes: int = 1 << 14  # all trees of one handover
+    tree_total_bytes: int = 16 << 20
+
+
+@dataclass(frozen=True)
+class PendingHandover:
+    """The handover a successor populated from, still on the region until taken over."""
+
+    record: HandoverRecord
+    metadata: tuple[tuple[int, int], ...]  # (pfn, pages) runs of its chunk, bitmap, FDT pages
 
 
 class Engine:
@@ -53,6 +88,7 @@ class Engine:
         limits: EngineLimits | None = None,
         incoming: dict[str, IncomingState] | None = None,
         incoming_fdt: bytes | None = None,
+        pending: PendingHandover | None = None,
         hook: Hook = no_hook,
     ) -> None:
         self.region = region
@@ -64,10 +100,15 @@ class Engine:
         self.sessions: dict[str, Session] = {}
         self.incoming: dict[str, IncomingState] = incoming or {}
         self.incoming_fdt = incoming_fdt
+        self.pending = pending
         self.hook = hook
         self.held = False
         self.frozen = False
         self.committed: Committed | None = None
+        lim = self.limits
+        self.budget = TreeBudget(lim.tree_total_nodes, lim.tree_total_bytes)
+        for name, inc in self.incoming.items():  # carried forward until released
+            self.budget.charge(*_subtree_cost(name, inc.subtree), force=True)
 
     # ================================================================= sessions
 
@@ -77,21 +118,28 @@ class Engine:
         Returns the session and whether it was created.
         """
         check_node_name(name)
-        if "@" in name or name in ROOT_NODES:
+        if "@" in name or name in ROOT_NAMES:
             raise einval(f"session name {name!r} is reserved or not allowed")
         s = self.sessions.get(name)
         created = s is None
         if s is not None:
             if s.uid != uid and uid != 0:  # root may act for anyone
                 raise eperm(f"session {name!r} belongs to another user")
-            s.persistent = persistent
+            s.persistent = s.persistent or persistent  # a reattach never downgrades
         else:
             inc = self.incoming.get(name)
             if inc is not None and inc.uid != uid and uid != 0:
                 raise eperm(f"session {name!r} was handed over for another user")
-            if len(self.sessions) >= self.limits.max_sessions:
-                raise enomem(f"{self.limits.max_sessions} sessions exist; no room for {name!r}")
-            s = Session(name, inc.uid if inc is not None else uid, persistent, self.limits.tree)
+            nodes = len(self.sessions) + sum(1 for n in self.incoming if n not in self.sessions)
+            if inc is None and nodes >= self.limits.max_sessions:
+                raise enomem(
+                    f"{nodes} sessions exist, live or handed over (limits.max_sessions); "
+                    f"no room for {name!r}"
+                )
+            # its node is already in the handover when it was handed over: always room
+            self.budget.charge(1, session_node_bytes(name), force=inc is not None)
+            owner = inc.uid if inc is not None else uid
+            s = Session(name, owner, persistent, self.limits.tree, self.budget)
             if inc is not None:
                 inc.claimed = True
                 s.incoming = inc
@@ -115,6 +163,7 @@ class Engine:
             s.drop_alloc(pfn)
         if s.incoming is not None:
             s.incoming.claimed = False
+        self.budget.release(s.tree.nodes, s.tree.size + session_node_bytes(s.name))
         self.sessions.pop(s.name, None)
 
     def sweep(self) -> list[str]:
@@ -203,13 +252,23 @@ class Engine:
         return [p << PAGE_SHIFT for p in got]
 
     def _freeable(self, s: Session, phys: int) -> int:
-        """The pfn of ``s``'s allocation at ``phys``, if it may be freed now."""
+        """The pfn of ``s``'s allocation at ``phys``, if it may be freed now.
+
+        Never while it holds preserved memory, nor while it is part of a
+        committed handover (a carried-forward folio restored after finalize).
+        """
         pfn = self._pfn(phys)
         order = s.allocs.get(pfn)
         if order is None:
             raise enoent(f"session {s.name!r} has no allocation starting at {phys:#x}")
         if s.tracker.intersects(pfn, 1 << order):
             raise ebusy(f"folio {phys:#x} order {order} holds preserved memory; unpreserve first")
+        c = self.committed
+        if c is not None and c.tracker.intersects(pfn, 1 << order):
+            raise ebusy(
+                f"folio {phys:#x} order {order} is part of the committed handover of generation "
+                f"{c.record.generation}; it stays until unfreeze"
+            )
         return pfn
 
     def free_folio(self, s: Session, phys: int) -> None:
@@ -344,6 +403,7 @@ class Engine:
         order = inc.unclaimed.find_order(pfn)
         if order is None:
             raise self._not_incoming(s, pfn)
+        self._take_over()
         self.allocator.claim(pfn, order)
         inc.unclaimed.unpreserve_folio(pfn, order)
         s.add_alloc(pfn, order)
@@ -363,6 +423,7 @@ class Engine:
             if order is None:
                 raise self._not_incoming(s, pfn)
             orders.append(order)
+        self._take_over()
         for pfn, order in zip(pfns, orders, strict=True):
             self.allocator.claim(pfn, order)
             s.add_alloc(pfn, order)
@@ -379,6 +440,7 @@ class Engine:
                     f"range {phys:#x}+{size:#x}: folio {pfn << PAGE_SHIFT:#x} order {order} "
                     "is not an unrestored incoming folio of this session"
                 )
+        self._take_over()
         for pfn, order in folios:
             self.allocator.claim(pfn, order)
             inc.unclaimed.unpreserve_folio(pfn, order)
@@ -390,6 +452,7 @@ class Engine:
         names = [name] if name is not None else sorted(self.incoming)
         if name is not None and name not in self.incoming:
             raise enoent(f"no incoming session {name!r}")
+        self._take_over()
         released = 0
         dropped: list[str] = []
         for n in names:
@@ -400,17 +463,35 @@ class Engine:
                     self.allocator.unreserve_pages(pfn, c << order)
             released += inc.unclaimed.total_bytes()
             inc.unclaimed = Tracker()
+            self.budget.release(*_subtree_cost(n, inc.subtree))
             if not inc.claimed:
                 del self.incoming[n]
                 dropped.append(n)
             else:
                 inc.subtree = Node()
+                self.budget.charge(*_subtree_cost(n, inc.subtree), force=True)
         return ReleaseResult(released, tuple(dropped))
+
+    def _take_over(self) -> None:
+        """Make the incoming handover ours: the region says live, its metadata pages are free.
+
+        Called before the first change to what the pending handover
+        describes; until then a successor that dies leaves it whole.
+        """
+        p = self.pending
+        if p is None:
+            return
+        self.hook(FaultPoint.TAKE_OVER)
+        write_record(self.region, live_record(self.region, self.scratch, self.generation, self.pid))
+        for pfn, npages in p.metadata:
+            self.allocator.unreserve_pages(pfn, npages)
+        self.pending = None
 
     # ================================================================= the lifecycle's levers
 
     def hold(self) -> None:
         """A finalize began: keep every session until :meth:`release`."""
+        self._take_over()
         self.held = True
 
     def freeze(self) -> None:
@@ -441,6 +522,7 @@ class Engine:
         """Write the handover and commit it; needs the freeze. Nothing changes on failure."""
         if not self.frozen or self.committed is not None:
             raise ebusy("commit needs a frozen, uncommitted engine")
+        self.region.check_identity()
         t0 = time.perf_counter()
         images = self.images()
         done = commit(
@@ -473,13 +555,25 @@ class Engine:
         self.committed.free(self.allocator)
         self.committed = None
 
-    def stop_clean(self) -> None:
-        """Stop without a handover: the region's record says clean."""
+    def stop_clean(self) -> bool:
+        """Stop without a handover of our own: the region's record says clean.
+
+        A handover not taken over yet stays on the region for the next start;
+        returns False then.
+        """
         if self.committed is not None:
             raise ebusy("finalized: hand over or unfreeze before stopping")
+        if self.pending is not None:
+            return False
         rec = live_record(self.region, self.scratch, self.generation, 0, RecordState.CLEAN)
         write_record(self.region, rec)
+        return True
 
 
 _NOT_ALLOCATED = (Errno.EINVAL, "the start of an allocation")
 _NOT_PRESERVED = (Errno.ENOENT, "preserved")
+
+
+def _subtree_cost(name: str, subtree: Node) -> tuple[int, int]:
+    """What a carried-forward session node costs the handover's tree budget."""
+    return subtree.count_nodes(), subtree.nbytes() + session_node_bytes(name)

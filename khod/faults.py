@@ -24,7 +24,8 @@ class FaultPoint(StrEnum):
     HANDOVER = "handover"  # clients told, before the daemon exits
     POPULATE_VALIDATED = "populate-validated"  # successor: validated, nothing reserved yet
     POPULATE_RESERVED = "populate-reserved"  # successor: incoming folios reserved
-    POPULATE_RECORD = "populate-record"  # successor: before the record is marked live
+    READY = "ready"  # successor: serving, the incoming handover not taken over yet
+    TAKE_OVER = "take-over"  # successor: first restore, before the record says live
 
 
 def point(name: str) -> None:

@@ -313,7 +313,9 @@ class Lifecycle:
         """FINALIZED -> HANDED_OVER: tell every client; the caller then stops the daemon."""
         if self.busy:
             raise ebusy("a finalize or unfreeze is in progress")
-        self._fire(Step.HANDOVER)
+        nxt = self._check(Step.HANDOVER)
+        self.engine.region.check_identity()  # the successor must find what we wrote
+        self._enter(nxt)
         assert self.engine.committed is not None  # FINALIZED means committed
         generation = self.engine.committed.record.generation
         self.subscribers.broadcast("handover", generation=generation)
@@ -344,7 +346,12 @@ class Lifecycle:
     def stop(self) -> None:
         """The daemon exits without a handover: the region's record says clean."""
         nxt = self._check(Step.STOP)
-        self.engine.stop_clean()
+        if not self.engine.stop_clean():
+            self.log.info(
+                "stop.handover_kept",
+                generation=self.engine.generation,
+                reason="nothing was taken over; the next start takes the handover in",
+            )
         self._enter(nxt)
 
     def release_unclaimed(self, name: str | None = None) -> ReleaseResult:

@@ -13,14 +13,16 @@ import argparse
 import json
 import os
 import sys
-from typing import Any
+from dataclasses import dataclass
 
 import trio
 
 from khod import __version__, faults, systemd
-from khod.config import Config, ConfigError, load, override
-from khod.engine import EngineLimits
+from khod.config import Config, ConfigError, load, override, parse_listen
+from khod.engine import Engine, EngineLimits
 from khod.errors import KhoError
+from khod.faults import FaultPoint
+from khod.kho.handover import Hook, no_hook
 from khod.kho.tree import TreeLimits
 from khod.lifecycle import Lifecycle, State
 from khod.log import Log
@@ -28,7 +30,7 @@ from khod.metrics import Metrics, record_rejection
 from khod.ops import OPS
 from khod.region import Region, open_region
 from khod.server import Connections, Server, bind_unix, unlink_if_ours
-from khod.startup import Exit, StartupRefused, start_engine
+from khod.startup import Exit, StartInfo, StartPlan, StartupRefused, plan_start
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -104,38 +106,122 @@ def engine_limits(cfg: Config) -> EngineLimits:
         max_sessions=lim.max_sessions,
         max_batch=lim.max_batch,
         tree=TreeLimits(max_nodes=lim.tree_max_nodes, max_bytes=lim.tree_max_bytes),
+        tree_total_nodes=lim.tree_total_nodes,
+        tree_total_bytes=lim.tree_total_bytes,
     )
 
 
-async def serve(server: Server, cfg: Config, log: Log, extra: Any = None) -> None:
-    """Listen (socket activation or bind), serve until stopped."""
-    activated = systemd.listen_fds()
-    identity = None
-    if activated:
-        listeners = [trio.SocketListener(trio.socket.from_stdlib_socket(s)) for s in activated]
-        log.info("listen", socket="systemd socket activation", fds=len(activated))
-    else:
-        listener, identity = bind_unix(
-            cfg.server.socket, cfg.server.socket_mode, cfg.server.socket_group
+@dataclass
+class Daemon:
+    """One daemon's parts, wired once: the command and the tests build it the same way."""
+
+    engine: Engine
+    info: StartInfo
+    conns: Connections
+    metrics: Metrics | None
+    lifecycle: Lifecycle
+    server: Server
+
+
+def assemble(
+    engine: Engine,
+    info: StartInfo,
+    cfg: Config,
+    log: Log,
+    *,
+    hook: Hook = no_hook,
+    with_metrics: bool = True,
+    handle_signals: bool = True,
+) -> Daemon:
+    conns = Connections()
+    metrics = None
+    if with_metrics:
+        metrics = Metrics(
+            engine,
+            info,
+            conns,
+            ops=OPS,
+            listen=cfg.metrics.listen,
+            state_dir=cfg.server.state_dir,
+            log=log,
         )
-        listeners = [listener]
-        log.info("listen", socket=cfg.server.socket, mode=f"{cfg.server.socket_mode:o}")
-    try:
-        async with trio.open_nursery() as nursery:
-            if extra is not None:
-                await extra(nursery)
-            await nursery.start(server.run, listeners)
-            e, state = server.engine, server.lifecycle.state
-            systemd.notify(
-                "READY=1",
-                f"STATUS={state}: generation {e.generation}, {len(e.sessions)} sessions",
-            )
-            log.info("ready", state=str(state), generation=e.generation)
-            await server.finished.wait()
-            nursery.cancel_scope.cancel()
-    finally:
-        if identity is not None:
-            unlink_if_ours(cfg.server.socket, identity)
+    lifecycle = Lifecycle(
+        engine,
+        conns,
+        notifier_timeout_s=cfg.server.notifier_timeout_s,
+        handover_on_stop=cfg.server.handover_on_stop,
+        log=log,
+        metrics=metrics,
+        hook=hook,
+        announce=systemd.status,
+    )
+    server = Server(
+        engine, lifecycle, conns, cfg, log, metrics=metrics, handle_signals=handle_signals
+    )
+    return Daemon(engine, info, conns, metrics, lifecycle, server)
+
+
+def control_listeners(
+    cfg: Config, log: Log
+) -> tuple[list[trio.SocketListener], tuple[int, int] | None]:
+    """The control socket: passed by systemd, or bound here (with its identity, to unlink)."""
+    activated = systemd.listen_fds()
+    if activated:
+        log.info("listen", socket="systemd socket activation", fds=len(activated))
+        return [trio.SocketListener(trio.socket.from_stdlib_socket(s)) for s in activated], None
+    listener, identity = bind_unix(
+        cfg.server.socket, cfg.server.socket_mode, cfg.server.socket_group
+    )
+    log.info("listen", socket=cfg.server.socket, mode=f"{cfg.server.socket_mode:o}")
+    return [listener], identity
+
+
+def log_start(log: Log, region: Region, info: StartInfo) -> None:
+    if info.reset_from:
+        log.warning("start.reset", discarded=info.reset_from, region=region.path)
+    log.info(
+        "start",
+        mode=info.mode,
+        generation=info.generation,
+        region=f"{region.backend}:{region.path}",
+        base=f"{region.base:#x}",
+        size=region.size,
+        incoming_sessions=info.incoming_sessions or None,
+        incoming_bytes=info.incoming_bytes or None,
+        populate_ms=round(info.populate_s * 1e3, 3) if info.mode == "populate" else None,
+        version=__version__,
+    )
+
+
+async def serve(
+    plan: StartPlan, cfg: Config, log: Log, listeners: list[trio.SocketListener]
+) -> Daemon:
+    """Bind the metrics port, build the engine, serve until stopped.
+
+    Every socket is bound before :meth:`StartPlan.take` changes anything, so a
+    port in use stops start-up with the region as it was.
+    """
+    metrics_listeners = []
+    if cfg.metrics.listen:
+        host, port = parse_listen(cfg.metrics.listen, "metrics.listen")
+        metrics_listeners = await trio.open_tcp_listeners(port, host=host)
+    engine, info = plan.take()
+    log_start(log, plan.region, info)
+    d = assemble(engine, info, cfg, log, hook=faults.point, with_metrics=bool(metrics_listeners))
+    async with trio.open_nursery() as nursery:
+        if d.metrics is not None:
+            await d.metrics.serve(nursery, metrics_listeners)
+        await nursery.start(d.server.run, listeners)
+        state = d.lifecycle.state
+        systemd.notify(
+            "READY=1",
+            f"STATUS={state}: generation {engine.generation}, {len(engine.sessions)} sessions",
+        )
+        log.info("ready", state=str(state), generation=engine.generation)
+        faults.point(FaultPoint.READY)
+        await d.server.finished.wait()
+        nursery.cancel_scope.cancel()
+    return d
 
 
 def run(argv: list[str] | None = None) -> int:
@@ -147,7 +233,7 @@ def run(argv: list[str] | None = None) -> int:
         return Exit.CONFIG
     if args.check_config:
         print(render_config(cfg), end="")
-        return 0
+        return Exit.OK
     log = Log(cfg.logging.level, cfg.logging.format)
     r = cfg.region
     try:
@@ -164,9 +250,31 @@ def run(argv: list[str] | None = None) -> int:
             region.close()
 
 
+def _prepare(region: Region, cfg: Config, log: Log) -> None:
+    """Take the region for this daemon and make sure khod's own writes can land."""
+    try:
+        region.lock()
+    except KhoError as exc:
+        raise StartupRefused(
+            exc.code, f"the region is in use by a running daemon: {exc.message}", Exit.REGION_BUSY
+        ) from None
+    if cfg.region.preallocate:
+        region.allocate(region.base, region.size)
+    short = region.backing_shortfall()
+    if short:
+        log.warning(
+            "region.sparse",
+            region=region.path,
+            size=region.size,
+            shortfall=short,
+            reason="its filesystem cannot hold all of it; a client that fills it gets SIGBUS",
+        )
+
+
 def _run_on_region(region: Region, cfg: Config, args: argparse.Namespace, log: Log) -> int:
     try:
-        engine, info = start_engine(
+        _prepare(region, cfg, log)
+        plan = plan_start(
             region,
             scratch_size=cfg.region.scratch_size,
             pid=os.getpid(),
@@ -181,60 +289,29 @@ def _run_on_region(region: Region, cfg: Config, args: argparse.Namespace, log: L
     except KhoError as exc:
         log.error("start.failed", code=str(exc.code), reason=exc.message)
         return Exit.CONFIG
-    if info.reset_from:
-        log.warning("start.reset", discarded=info.reset_from, region=region.path)
-    log.info(
-        "start",
-        mode=info.mode,
-        generation=info.generation,
-        region=f"{region.backend}:{region.path}",
-        base=f"{region.base:#x}",
-        size=region.size,
-        incoming_sessions=info.incoming_sessions or None,
-        incoming_bytes=info.incoming_bytes or None,
-        populate_ms=round(info.populate_s * 1e3, 3) if info.mode == "populate" else None,
-        version=__version__,
-    )
-    conns = Connections()
-    metrics = Metrics(
-        engine,
-        info,
-        conns,
-        ops=OPS,
-        listen=cfg.metrics.listen,
-        state_dir=cfg.server.state_dir,
-        log=log,
-    )
-    lifecycle = Lifecycle(
-        engine,
-        conns,
-        notifier_timeout_s=cfg.server.notifier_timeout_s,
-        handover_on_stop=cfg.server.handover_on_stop,
-        log=log,
-        metrics=metrics,
-        hook=faults.point,
-        announce=systemd.status,
-    )
-    server = Server(engine, lifecycle, conns, cfg, log, metrics=metrics)
-    extra = metrics.serve if cfg.metrics.listen else None
+    identity = None
     try:
-        trio.run(serve, server, cfg, log, extra)
+        listeners, identity = control_listeners(cfg, log)
+        d = trio.run(serve, plan, cfg, log, listeners)
     except KhoError as exc:
         log.error("serve.failed", code=str(exc.code), reason=exc.message)
         return Exit.CONFIG
     except OSError as exc:
         log.error("serve.failed", reason=str(exc))
         return Exit.CONFIG
-    if lifecycle.state is State.HANDED_OVER:
+    finally:
+        if identity is not None:
+            unlink_if_ours(cfg.server.socket, identity)
+    if d.lifecycle.state is State.HANDED_OVER:
         region.flush()
-        log.info("exit", reason=server.exit_reason, handover_generation=engine.generation + 1)
+        log.info("exit", reason=d.server.exit_reason, handover_generation=d.engine.generation + 1)
     else:
         try:
-            lifecycle.stop()
+            d.lifecycle.stop()
         except KhoError as exc:
             log.warning("exit.unclean", reason=exc.message)
-        log.info("exit", reason=server.exit_reason or "stopped", state=str(lifecycle.state))
-    return server.exit_status
+        log.info("exit", reason=d.server.exit_reason or "stopped", state=str(d.lifecycle.state))
+    return d.server.exit_status
 
 
 def main() -> None:

@@ -36,7 +36,6 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
 from khod import __version__, status
-from khod.config import parse_listen
 from khod.engine import Engine
 from khod.errors import Errno, Fault
 from khod.kho.record import RECORD_VERSION
@@ -239,12 +238,9 @@ class Metrics:
 
     # ----------------------------------------------------------------- HTTP
 
-    async def serve(self, nursery: trio.Nursery) -> None:
-        """Start the endpoint in ``nursery`` (binding errors surface here, at start-up)."""
-        want_host, want_port = parse_listen(self.listen, "metrics.listen")
-        listeners = await nursery.start(
-            functools.partial(trio.serve_tcp, self._handle, want_port, host=want_host)
-        )
+    async def serve(self, nursery: trio.Nursery, listeners: list[trio.SocketListener]) -> None:
+        """Serve the endpoint in ``nursery`` on listeners bound at start-up."""
+        await nursery.start(functools.partial(trio.serve_listeners, self._handle, listeners))
         host, port = listeners[0].socket.getsockname()[:2]
         self.bound = (str(host), int(port))
         self.log.info("metrics.listen", address=f"{host}:{port}")

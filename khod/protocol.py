@@ -61,7 +61,7 @@ class Decoder:
         lim = limits or Limits()
         self._unpacker = msgpack.Unpacker(
             raw=False,
-            strict_map_key=True,
+            strict_map_key=False,  # a non-string key is a bad request, not a broken frame
             use_list=True,
             max_buffer_size=lim.max_frame,
             max_array_len=lim.max_array,
@@ -113,8 +113,15 @@ def parse_request(obj: object) -> Request:
     """Check the envelope of a decoded message; arguments are checked per op."""
     if not isinstance(obj, dict):
         raise BadRequest(None, Errno.EPROTO, f"a message must be a map, got {type(obj).__name__}")
+    bad = next((k for k in obj if not isinstance(k, str)), None)
     req_id = obj.get("id")
     if not isinstance(req_id, int) or isinstance(req_id, bool) or not 0 <= req_id <= MAX_ID:
+        req_id = None
+    if bad is not None:
+        raise BadRequest(
+            req_id, Errno.EPROTO, f"map keys must be strings, got {type(bad).__name__} {bad!r:.40}"
+        )
+    if req_id is None:
         raise BadRequest(None, Errno.EPROTO, "a request needs an integer 'id' in 0..2**63-1")
     op = obj.get("op")
     if not isinstance(op, str):

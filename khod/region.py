@@ -10,12 +10,16 @@ Three backends share one :class:`Region`:
 ``dax``     a DAX character device or pmem block device, mapped whole.
 
 Every access is bounds-checked against ``[base, base + size)``; the daemon
-never hands a raw offset to anyone.
+never hands a raw offset to anyone. With the file backend every byte khod
+writes itself (record, chunk pages, bitmaps, FDT) is allocated in the file
+first, so a full filesystem is an ``ENOMEM`` naming it, never a SIGBUS.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import gc
 import mmap
 import os
@@ -25,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-from khod.errors import KhoError, ebusy, einval
+from khod.errors import KhoError, ebusy, einval, enoent, enomem
 from khod.pages import PAGE_SHIFT, PAGE_SIZE
 
 BACKENDS = ("file", "devmem", "dax")
@@ -65,6 +69,8 @@ class Region:
             raise einval(f"cannot map {path} ({backend}) {size:#x} bytes: {exc}") from None
         self._mv: memoryview | None = memoryview(self._mm)
         self._np: npt.NDArray[np.uint8] | None = None
+        self._identity = _identity(os.fstat(fd))
+        self._lock_fd: int | None = None
 
     # ----------------------------------------------------------------- geometry
 
@@ -117,7 +123,83 @@ class Region:
             raise KhoError("EPERM", f"region {self.path} is open read-only")
         mv = memoryview(data).cast("B")
         off = self.offset(phys, mv.nbytes)
+        self.allocate(phys, mv.nbytes)
         self._view_all()[off : off + mv.nbytes] = mv
+
+    def allocate(self, phys: int, length: int) -> None:
+        """Make sure the backing file holds ``[phys, phys + length)`` (no-op for devices)."""
+        if self.backend != "file" or length <= 0:
+            return
+        off = self.offset(phys, length)
+        try:
+            os.posix_fallocate(self._fd, self.map_offset + off, length)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise enomem(
+                    f"the filesystem of region {self.path} has no room for {length} bytes at "
+                    f"phys {phys:#x}: it is full"
+                ) from None
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+
+    def backing_shortfall(self) -> int:
+        """Bytes of the region its file's filesystem could not hold if all were written.
+
+        0 when it fits, and always for devices. A sparse region larger than its
+        filesystem is allowed (pages cost nothing until touched); khod's own
+        writes are allocated first, and clients are told by the caller.
+        """
+        if self.backend != "file":
+            return 0
+        st = os.fstat(self._fd)
+        vfs = os.fstatvfs(self._fd)
+        have = st.st_blocks * 512 + vfs.f_bavail * vfs.f_frsize
+        return max(0, self.size - have)
+
+    # ----------------------------------------------------------------- ownership and identity
+
+    def lock(self) -> None:
+        """Take the region for this daemon; ``EBUSY`` if another daemon holds it.
+
+        An exclusive ``flock`` on a descriptor of the region's own that is never
+        passed to clients, so it dies with the daemon -- SIGKILL included -- and
+        a client still mapping the region does not hold it.
+        """
+        if self._lock_fd is not None:
+            return
+        fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise ebusy(f"another daemon holds region {self.path}") from None
+        except BaseException:
+            os.close(fd)
+            raise
+        self._lock_fd = fd
+
+    def check_identity(self) -> None:
+        """Refuse if the region's file was deleted, replaced or shrunk while khod ran.
+
+        A successor opens the region by its path: a handover written into a file
+        nobody can open again would be lost without a word.
+        """
+        if self.backend != "file":
+            return
+        st = os.fstat(self._fd)
+        if st.st_nlink == 0:
+            raise enoent(f"region file {self.path} was deleted while khod ran")
+        try:
+            now = os.stat(self.path)
+        except OSError:
+            raise enoent(f"region file {self.path} is gone from its path") from None
+        if _identity(now) != self._identity:
+            raise enoent(f"region file {self.path} was replaced by another file")
+        if st.st_size < self.map_offset + self.size:
+            raise enoent(
+                f"region file {self.path} was truncated to {st.st_size:#x} bytes; "
+                f"the region needs {self.map_offset + self.size:#x}"
+            )
 
     def array(self) -> npt.NDArray[np.uint8]:
         """The whole region as a uint8 array (for vectorized gathers)."""
@@ -160,6 +242,9 @@ class Region:
                 raise ebusy(f"region {self.path} still has views in use; release them") from None
         self._mm = None
         os.close(self._fd)
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
     def __enter__(self) -> Region:
         return self
@@ -169,6 +254,10 @@ class Region:
 
     def __repr__(self) -> str:
         return f"<Region {self.backend}:{self.path} {self.base:#x}+{self.size:#x}>"
+
+
+def _identity(st: os.stat_result) -> tuple[int, int]:
+    return st.st_dev, st.st_ino
 
 
 # --------------------------------------------------------------------------- backends

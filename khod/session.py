@@ -15,7 +15,7 @@ import numpy.typing as npt
 
 from khod.kho.handover import SESSION_PROPS
 from khod.kho.tracker import Tracker
-from khod.kho.tree import Node, Tree, TreeLimits
+from khod.kho.tree import Node, Tree, TreeBudget, TreeLimits
 from khod.pages import I64, NR_ORDERS, folio_bytes
 
 
@@ -31,13 +31,20 @@ class IncomingState:
 
 
 class Session:
-    def __init__(self, name: str, uid: int, persistent: bool, limits: TreeLimits) -> None:
+    def __init__(
+        self,
+        name: str,
+        uid: int,
+        persistent: bool,
+        limits: TreeLimits,
+        budget: TreeBudget | None = None,
+    ) -> None:
         self.name = name
         self.uid = uid
         self.persistent = persistent
         self.tracker = Tracker()
         self.allocs: dict[int, int] = {}  # head pfn -> order: allocated or restored
-        self.tree = Tree(limits=limits, reserved_props=SESSION_PROPS)
+        self.tree = Tree(limits=limits, reserved_props=SESSION_PROPS, budget=budget)
         self.connections: set[int] = set()
         self.incoming: IncomingState | None = None
         self._runs: tuple[I64, I64] | None = None

@@ -1,15 +1,25 @@
 """Start-up: format a region, take in its handover, or refuse (docs/design.md §4).
 
+Start-up runs in two steps so that nothing is written before the daemon
+knows it can serve: :func:`plan_start` reads and validates what the region
+holds and decides (it writes nothing), and :meth:`StartPlan.take` builds the
+engine once the sockets are bound. The caller holds the region's lock
+(:meth:`khod.region.Region.lock`), so no other daemon runs on it.
+
 What the region's record says decides:
 
 * none or ``clean``: format -- lay out the record page and scratch, mark the
   region live under this daemon's pid;
-* ``handover``: populate -- validate everything, reserve every incoming folio
-  while only scratch may be allocated, keep each session's unclaimed folios
-  and subtree until it restores them, an operator releases them, or the
-  next finalize carries them forward; then mark the region live;
-* ``live`` under another pid: refuse (the owner runs, or crashed and its
-  clients may still map that memory) unless told ``--reset``.
+* ``handover``: populate -- validate everything, then reserve every incoming
+  folio and the handover's own metadata pages while only scratch may be
+  allocated, and keep each session's unclaimed folios and subtree until it
+  restores them, an operator releases them, or the next finalize carries
+  them forward. The record is left as it is until the engine first changes
+  what it describes (``Engine._take_over``), so a successor that dies before
+  then leaves the handover for the next start;
+* ``live``: refuse -- the daemon that owned it is gone without a handover
+  (it no longer holds the lock) and its clients may still map that memory --
+  unless told ``--reset``.
 
 A refusal is a :class:`StartupRefused` with the exit status the ``khod``
 command ends with and, for a refused handover, the fault that caused it.
@@ -18,19 +28,19 @@ command ends with and, for a refused handover, the fault that caused it.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import IntEnum
 
+import numpy as np
+
 from khod.allocator import Allocator
-from khod.engine import Engine, EngineLimits
+from khod.engine import Engine, EngineLimits, PendingHandover
 from khod.errors import Errno, Fault, HandoverError, KhoError, einval
 from khod.faults import FaultPoint
-from khod.kho.handover import Hook, no_hook, read_handover
+from khod.kho.handover import Hook, Incoming, no_hook, read_handover
 from khod.kho.memory import ScratchRange
-from khod.kho.record import HandoverRecord, RecordState, live_record, read_record, write_record
+from khod.kho.record import RecordState, live_record, read_record, write_record
 from khod.pages import PAGE_SHIFT, PAGE_SIZE
-from khod.pids import pid_alive
 from khod.region import Region
 from khod.session import IncomingState
 
@@ -87,7 +97,91 @@ def layout(region: Region, scratch_size: int) -> tuple[Allocator, ScratchRange]:
     return allocator_for(region, scratch), scratch
 
 
-def start_engine(
+@dataclass
+class StartPlan:
+    """What start-up will do with the region, decided without writing to it."""
+
+    region: Region
+    pid: int
+    mode: str  # "format" or "populate"
+    generation: int
+    scratch_size: int
+    limits: EngineLimits | None
+    hook: Hook
+    incoming: Incoming | None = None
+    reset_from: str | None = None
+    t0: float = field(default_factory=time.perf_counter)
+
+    def take(self) -> tuple[Engine, StartInfo]:
+        """Build the engine: format now, or reserve everything the handover holds."""
+        if self.incoming is not None:
+            return self._populate(self.incoming)
+        alloc, scratch = layout(self.region, self.scratch_size)
+        write_record(self.region, live_record(self.region, scratch, self.generation, self.pid))
+        engine = Engine(
+            self.region,
+            alloc,
+            scratch,
+            self.generation,
+            pid=self.pid,
+            limits=self.limits,
+            hook=self.hook,
+        )
+        return engine, StartInfo("format", self.generation, reset_from=self.reset_from)
+
+    def _populate(self, inc: Incoming) -> tuple[Engine, StartInfo]:
+        region = self.region
+        alloc = allocator_for(region, inc.scratch)
+        alloc.set_scratch_only(True)  # nothing may land on memory still to be reserved
+        root = inc.root.tracker
+        for order in root.orders:
+            first, count = root.runs(order)
+            alloc.reserve_runs(first, count << order)
+        metadata = _runs(inc.metadata_pfns())
+        alloc.reserve_runs(
+            np.array([p for p, _ in metadata], dtype=np.int64),
+            np.array([n for _, n in metadata], dtype=np.int64),
+        )
+        self.hook(FaultPoint.POPULATE_RESERVED)
+        incoming = {
+            name: IncomingState(name, s.uid, s.memory.tracker, s.subtree)
+            for name, s in inc.sessions.items()
+        }
+        alloc.set_scratch_only(False)
+        engine = Engine(
+            region,
+            alloc,
+            inc.scratch,
+            inc.generation,
+            pid=self.pid,
+            limits=self.limits,
+            incoming=incoming,
+            incoming_fdt=inc.fdt,
+            pending=PendingHandover(inc.record, tuple(metadata)),
+            hook=self.hook,
+        )
+        info = StartInfo(
+            "populate",
+            inc.generation,
+            populate_s=time.perf_counter() - self.t0,
+            incoming_sessions=len(incoming),
+            incoming_bytes=root.total_bytes(),
+        )
+        return engine, info
+
+
+def _runs(pfns: list[int]) -> list[tuple[int, int]]:
+    """Ascending unique pfns as (first, count) runs."""
+    out: list[tuple[int, int]] = []
+    for p in pfns:
+        if out and out[-1][0] + out[-1][1] == p:
+            out[-1] = (out[-1][0], out[-1][1] + 1)
+        else:
+            out.append((p, 1))
+    return out
+
+
+def plan_start(
     region: Region,
     *,
     scratch_size: int,
@@ -95,9 +189,9 @@ def start_engine(
     reset: bool = False,
     limits: EngineLimits | None = None,
     hook: Hook = no_hook,
-    alive: Callable[[int], bool] = pid_alive,
-) -> tuple[Engine, StartInfo]:
-    """Format the region or take in its handover, as daemon ``pid``; refuse with a named reason."""
+) -> StartPlan:
+    """Read and validate what the region holds and decide; refuse with a named reason."""
+    plan = StartPlan(region, pid, "format", 0, scratch_size, limits, hook)
     try:
         rec = read_record(region)
     except HandoverError as exc:
@@ -109,15 +203,12 @@ def start_engine(
                 Exit.REFUSED_HANDOVER,
                 exc.fault,
             ) from exc
-        rec = None
-    reset_from = None
-    if rec is not None and rec.state is RecordState.LIVE and rec.owner_pid != pid:
-        if alive(rec.owner_pid):
-            raise StartupRefused(
-                Errno.EBUSY,
-                f"the region is in use by a running daemon (pid {rec.owner_pid})",
-                Exit.REGION_BUSY,
-            )
+        plan.reset_from = "a damaged record"
+        return plan
+    if rec is None:
+        return plan
+    plan.generation = rec.generation
+    if rec.state is RecordState.LIVE:
         if not reset:
             raise StartupRefused(
                 Errno.EBUSY,
@@ -125,68 +216,36 @@ def start_engine(
                 "handover; clients may still map that memory. Start with --reset to discard it",
                 Exit.REGION_BUSY,
             )
-        reset_from = f"live pid {rec.owner_pid}"
-    if rec is not None and rec.state is RecordState.HANDOVER and not reset:
-        return _populate(region, rec, limits=limits, hook=hook, pid=pid)
-    if rec is not None and rec.state is RecordState.HANDOVER:
-        reset_from = f"handover generation {rec.generation}"
-    generation = rec.generation if rec is not None else 0
-    alloc, scratch = layout(region, scratch_size)
-    write_record(region, live_record(region, scratch, generation, pid))
-    engine = Engine(region, alloc, scratch, generation, pid=pid, limits=limits, hook=hook)
-    return engine, StartInfo("format", generation, reset_from=reset_from)
+        plan.reset_from = f"live pid {rec.owner_pid}"
+    elif rec.state is RecordState.HANDOVER:
+        if reset:
+            plan.reset_from = f"handover generation {rec.generation}"
+            return plan
+        try:
+            plan.incoming = read_handover(region, rec)
+        except HandoverError as exc:
+            raise StartupRefused(
+                Errno.EPROTO,
+                f"{exc.message}; nothing was reserved and the region is left as it is",
+                Exit.REFUSED_HANDOVER,
+                exc.fault,
+            ) from exc
+        plan.mode = "populate"
+        hook(FaultPoint.POPULATE_VALIDATED)
+    return plan
 
 
-def _populate(
+def start_engine(
     region: Region,
-    rec: HandoverRecord,
     *,
-    limits: EngineLimits | None,
-    hook: Hook,
+    scratch_size: int,
     pid: int,
+    reset: bool = False,
+    limits: EngineLimits | None = None,
+    hook: Hook = no_hook,
 ) -> tuple[Engine, StartInfo]:
-    t0 = time.perf_counter()
-    try:
-        inc = read_handover(region, rec, limits=(limits or EngineLimits()).tree)
-    except HandoverError as exc:
-        raise StartupRefused(
-            Errno.EPROTO,
-            f"{exc.message}; nothing was reserved and the region is left as it is",
-            Exit.REFUSED_HANDOVER,
-            exc.fault,
-        ) from exc
-    hook(FaultPoint.POPULATE_VALIDATED)
-    scratch = inc.scratch
-    alloc = allocator_for(region, scratch)
-    alloc.set_scratch_only(True)  # nothing may land on memory still to be reserved
-    root = inc.root.tracker
-    for order in root.orders:
-        first, count = root.runs(order)
-        alloc.reserve_runs(first, count << order)
-    hook(FaultPoint.POPULATE_RESERVED)
-    incoming = {
-        name: IncomingState(name, s.uid, s.memory.tracker, s.subtree)
-        for name, s in inc.sessions.items()
-    }
-    alloc.set_scratch_only(False)
-    hook(FaultPoint.POPULATE_RECORD)
-    write_record(region, live_record(region, scratch, inc.generation, pid))
-    engine = Engine(
-        region,
-        alloc,
-        scratch,
-        inc.generation,
-        pid=pid,
-        limits=limits,
-        incoming=incoming,
-        incoming_fdt=inc.fdt,
-        hook=hook,
+    """Plan and take at once (for callers with nothing to bind in between)."""
+    plan = plan_start(
+        region, scratch_size=scratch_size, pid=pid, reset=reset, limits=limits, hook=hook
     )
-    info = StartInfo(
-        "populate",
-        inc.generation,
-        populate_s=time.perf_counter() - t0,
-        incoming_sessions=len(incoming),
-        incoming_bytes=root.total_bytes(),
-    )
-    return engine, info
+    return plan.take()

@@ -20,13 +20,11 @@ import trio
 from khoclient import Client
 
 from khod.config import Config, from_mapping
-from khod.lifecycle import Lifecycle
 from khod.log import Log
-from khod.main import engine_limits
+from khod.main import assemble, engine_limits
 from khod.metrics import Metrics
-from khod.ops import OPS
 from khod.region import open_region
-from khod.server import Connections, Server, bind_unix
+from khod.server import Server, bind_unix
 from khod.startup import start_engine
 
 BASE = 0x1_0000_0000
@@ -158,23 +156,12 @@ async def inproc_daemon(
         )
         buf = io.StringIO()
         log = Log("debug", stream=buf)
-        conns = Connections()
-        m = None
-        if with_metrics:
-            m = Metrics(engine, info, conns, ops=OPS, listen=cfg.metrics.listen, log=log)
-        lifecycle = Lifecycle(
-            engine,
-            conns,
-            notifier_timeout_s=cfg.server.notifier_timeout_s,
-            handover_on_stop=cfg.server.handover_on_stop,
-            log=log,
-            metrics=m,
-        )
-        server = Server(engine, lifecycle, conns, cfg, log, handle_signals=False, metrics=m)
+        daemon = assemble(engine, info, cfg, log, with_metrics=with_metrics, handle_signals=False)
+        server, m = daemon.server, daemon.metrics
         listener, _ = bind_unix(cfg.server.socket, cfg.server.socket_mode, "")
         async with trio.open_nursery() as nursery:
             if m is not None:
-                await m.serve(nursery)
+                await m.serve(nursery, await trio.open_tcp_listeners(0, host="127.0.0.1"))
             await nursery.start(server.run, [listener])
             try:
                 yield InProc(server, cfg.server.socket, cfg, buf, m)

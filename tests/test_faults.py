@@ -21,11 +21,12 @@ from .helpers import Daemon, daemon_running, pattern, sha, start_daemon
 F = FaultPoint
 BEFORE_COMMIT = [F.FINALIZE_NOTIFIED, F.SERIALIZE, F.FDT_WRITTEN, F.FLUSHED]
 AFTER_COMMIT = [F.COMMITTED, F.HANDOVER]
-POPULATE = [F.POPULATE_VALIDATED, F.POPULATE_RESERVED, F.POPULATE_RECORD]
+POPULATE = [F.POPULATE_VALIDATED, F.POPULATE_RESERVED, F.READY]
+TAKE_OVER = [F.TAKE_OVER]
 
 
 def test_every_fault_point_is_covered() -> None:
-    assert sorted(BEFORE_COMMIT + AFTER_COMMIT + POPULATE) == sorted(FaultPoint)
+    assert sorted(BEFORE_COMMIT + AFTER_COMMIT + POPULATE + TAKE_OVER) == sorted(FaultPoint)
     assert {str(s) for s in CommitStep} <= {str(p) for p in FaultPoint}
 
 
@@ -109,5 +110,22 @@ def test_crash_during_populate_keeps_the_handover(shm_dir: Path, point: FaultPoi
     crashed = start_daemon(shm_dir, env={"KHOD_FAULT": point}, wait_ready=False)
     assert crashed.wait() == -signal.SIGKILL
     assert f"fault point {str(point)!r}" in crashed.logs()
+    assert record_state(shm_dir) is RecordState.HANDOVER
+    verify_complete(shm_dir, expect)
+
+
+@pytest.mark.parametrize("point", TAKE_OVER)
+def test_crash_at_the_first_restore_keeps_the_handover(shm_dir: Path, point: FaultPoint) -> None:
+    with daemon_running(shm_dir) as d:
+        expect = prepare(d)
+        finalize_and_hand_over(d)
+        assert d.wait() == 0
+    succ = start_daemon(shm_dir, env={"KHOD_FAULT": point})
+    with succ.client("vmm") as vmm:  # reattaching and serving change nothing on the region
+        vmm.ping()
+    with pytest.raises(KhoError), succ.client("db") as db:
+        db.restore_folio(min(expect))  # the first change to what the handover holds
+    assert succ.wait() == -signal.SIGKILL
+    assert f"fault point {str(point)!r}" in succ.logs()
     assert record_state(shm_dir) is RecordState.HANDOVER
     verify_complete(shm_dir, expect)

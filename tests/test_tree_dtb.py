@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from khod.errors import Errno, KhoError
 from khod.kho.dtb import DtbError, from_dtb, to_dtb, to_dts
 from khod.kho.props import as_u32, as_u64, u32, u64
-from khod.kho.tree import Node, Tree, TreeLimits
+from khod.kho.tree import FDT_MAX_DEPTH, FDT_MAX_FANOUT, Node, Tree, TreeLimits
 
 DTC = shutil.which("dtc")
 FDTDUMP = shutil.which("fdtdump")
@@ -304,14 +304,19 @@ def test_no_mutation_escapes_as_anything_but_dtb_error(data: st.DataObject) -> N
         from_dtb(bytes(blob))
 
 
-def test_limits_on_read() -> None:
+def test_limits_on_read_are_the_formats() -> None:
     deep = Node()
     n = deep
-    for i in range(12):
+    for i in range(FDT_MAX_DEPTH):
         n.children[f"n{i}"] = Node()
         n = n.children[f"n{i}"]
+    from_dtb(to_dtb(deep))  # 16 levels below the root: readable
+    n.children["one-more"] = Node()
     with pytest.raises(DtbError, match="deeper"):
-        from_dtb(to_dtb(deep), TreeLimits(max_depth=8))
-    wide = Node(children={f"c{i}": Node() for i in range(20)})
-    with pytest.raises(DtbError, match="more than 10 children"):
-        from_dtb(to_dtb(wide), TreeLimits(max_fanout=10))
+        from_dtb(to_dtb(deep))
+    wide = Node(children={f"c{i}": Node() for i in range(FDT_MAX_FANOUT + 1)})
+    with pytest.raises(DtbError, match=f"more than {FDT_MAX_FANOUT} children"):
+        from_dtb(to_dtb(wide))
+    many = Node(props={f"p{i}": b"" for i in range(FDT_MAX_FANOUT + 1)})
+    with pytest.raises(DtbError, match=f"more than {FDT_MAX_FANOUT} properties"):
+        from_dtb(to_dtb(many))

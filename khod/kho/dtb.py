@@ -26,7 +26,13 @@ from typing import Any
 import fdt
 
 from khod.errors import Errno, KhoError
-from khod.kho.tree import Node, TreeLimits, check_tree
+from khod.kho.tree import (
+    FDT_MAX_DEPTH,
+    FDT_MAX_FANOUT,
+    FDT_MAX_NODES,
+    Node,
+    check_tree,
+)
 
 FDT_MAGIC = 0xD00DFEED
 FDT_VERSION = 17
@@ -89,7 +95,7 @@ def _cstring(buf: bytes, start: int, stop: int, what: str) -> str:
     return raw.decode("ascii")
 
 
-def _clean(blob: bytes, limits: TreeLimits) -> bytes:
+def _clean(blob: bytes) -> bytes:
     """Check every header field and token; return an equivalent blob without NOPs."""
     if len(blob) < _HEADER.size:
         raise DtbError(f"{len(blob)} bytes is shorter than a DTB header")
@@ -147,12 +153,14 @@ def _clean(blob: bytes, limits: TreeLimits) -> bytes:
                 if not name or b"/" in name or not all(0x20 < c < 0x7F for c in name):
                     raise DtbError(f"bad node name {name!r} at offset {pos}")
                 fanout[-1][0] += 1
-                if fanout[-1][0] > limits.max_fanout:
-                    raise DtbError(f"a node has more than {limits.max_fanout} children")
+                if fanout[-1][0] > FDT_MAX_FANOUT:
+                    raise DtbError(f"a node has more than {FDT_MAX_FANOUT} children")
             depth += 1
             nodes += 1
-            if depth > limits.max_depth + 1:
-                raise DtbError(f"nodes nest deeper than {limits.max_depth} levels")
+            if depth > FDT_MAX_DEPTH + 1:
+                raise DtbError(f"nodes nest deeper than {FDT_MAX_DEPTH} levels")
+            if nodes > FDT_MAX_NODES:
+                raise DtbError(f"more than {FDT_MAX_NODES} nodes")
             fanout.append([0, 0])
             pos = (end + 1 + 3) & ~3
         elif tag == _END_NODE:
@@ -172,8 +180,8 @@ def _clean(blob: bytes, limits: TreeLimits) -> bytes:
                 raise DtbError(f"property name offset {nameoff} is outside the strings block")
             _cstring(blob, off_strings + nameoff, off_strings + size_strings, "property name")
             fanout[-1][1] += 1
-            if fanout[-1][1] > limits.max_fanout:
-                raise DtbError(f"a node has more than {limits.max_fanout} properties")
+            if fanout[-1][1] > FDT_MAX_FANOUT:
+                raise DtbError(f"a node has more than {FDT_MAX_FANOUT} properties")
             pos = (pos + 8 + plen + 3) & ~3
         elif tag == _END:
             if depth != 0 or roots != 1:
@@ -185,8 +193,6 @@ def _clean(blob: bytes, limits: TreeLimits) -> bytes:
         if pos > stop:
             raise DtbError("a token runs off the structure block")
         tokens += blob[start:pos]
-    if nodes > limits.max_nodes * 8:
-        raise DtbError(f"{nodes} nodes is more than khod reads")
 
     rsv_block = b"".join(rsv) + bytes(16)
     strings = blob[off_strings : off_strings + size_strings]
@@ -219,10 +225,10 @@ def _from_fdt(fnode: Any) -> Node:
     return node
 
 
-def from_dtb(blob: bytes | bytearray | memoryview, limits: TreeLimits | None = None) -> Node:
-    """Parse an untrusted DTB into a tree; any defect raises :class:`DtbError`."""
-    limits = limits or TreeLimits(max_nodes=1 << 16, max_bytes=64 << 20, max_depth=32)
-    data = _clean(bytes(blob), limits)
+def from_dtb(blob: bytes | bytearray | memoryview) -> Node:
+    """Parse an untrusted DTB into a tree; any defect, or any excess over the format's
+    limits (docs/format.md §8), raises :class:`DtbError`."""
+    data = _clean(bytes(blob))
     shared = fdt.FDT().entries  # the package's shared default list
     try:
         parsed = fdt.parse_dtb(data)
@@ -232,7 +238,7 @@ def from_dtb(blob: bytes | bytearray | memoryview, limits: TreeLimits | None = N
         shared.clear()
     root = _from_fdt(parsed.root)
     try:
-        check_tree(root, limits)
+        check_tree(root)
     except KhoError as exc:
         raise DtbError(exc.message) from None
     return root

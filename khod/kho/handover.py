@@ -35,15 +35,26 @@ from khod.kho.memory import Memory, Pages, ScratchRange
 from khod.kho.props import as_string, as_u32, as_u64, string_value, u32, u64
 from khod.kho.record import HandoverRecord, RecordState, write_record
 from khod.kho.tracker import Tracker
-from khod.kho.tree import Node, TreeLimits
+from khod.kho.tree import Node, node_cost
 from khod.pages import PAGE_SHIFT, PAGE_SIZE
 
 KHO_COMPATIBLE = "kho-v1"
 KHOD_COMPATIBLE = "khod-v1"
 SESSION_COMPATIBLE = "khod,session-v1"
-ROOT_NODES = frozenset({"preserved-memory", "khod"})  # not available as session names
+ROOT_NODES = frozenset({"preserved-memory", "khod"})
+ROOT_NAMES = ROOT_NODES | {"compatible"}  # names at the root: not available as session names
 SESSION_PROPS = frozenset({"compatible", "owner-uid", "metadata"})  # written by khod
 MAX_FDT_BYTES = 64 << 20
+# At most what one session node adds besides its subtree: the node and khod's properties.
+SESSION_NODE_BYTES = 96
+# At most what a KHO FDT holds besides its session nodes: header, memory reservation
+# map, root, /preserved-memory, /khod and FDT_END.
+FDT_FIXED_BYTES = 512
+
+
+def session_node_bytes(name: str) -> int:
+    """At most the bytes of a session node with khod's properties and no subtree."""
+    return node_cost(name) + SESSION_NODE_BYTES
 
 
 class CommitStep(StrEnum):
@@ -84,6 +95,7 @@ class Committed:
     metadata_crc32: int
     folios_by_order: dict[int, int]
     bytes_by_order: dict[int, int]
+    tracker: Tracker  # every folio it holds: none of them may be freed while it stands
 
     @property
     def metadata_pages(self) -> int:
@@ -126,7 +138,7 @@ def build_fdt(
         }
     )
     for image, first in sessions:
-        if image.name in ROOT_NODES:
+        if image.name in ROOT_NAMES:
             raise einval(f"session name {image.name!r} is reserved")
         node = image.subtree.copy()
         clash = SESSION_PROPS & node.props.keys()
@@ -153,10 +165,13 @@ def commit(
     owner_pid: int,
     hook: Hook = no_hook,
 ) -> Committed:
-    """Serialize everything, write the FDT, flush, then commit the record.
+    """Serialize everything, write the FDT, flush, read it all back, then commit the record.
 
-    On any failure before the commit point every page taken is given back
-    and the region's record is untouched.
+    Before the record is written the whole validating reader runs over the
+    bytes now in the region and must find exactly what was meant to be
+    handed over, so nothing a successor would refuse is ever committed. On
+    any failure before the commit point every page taken is given back and
+    the region's record is untouched.
     """
     sessions = sorted(sessions, key=lambda s: s.name)
     if len({s.name for s in sessions}) != len(sessions):
@@ -201,6 +216,7 @@ def commit(
             scratch_size=scratch.size,
             generation=generation,
         )
+        _verify(region, record, root_tracker, sessions)
         hook(CommitStep.FLUSHED)
         write_record(region, record)
     except BaseException:
@@ -219,7 +235,30 @@ def commit(
         metadata_crc32=crc,
         folios_by_order={o: root_tracker.count(o) for o in root_tracker.orders},
         bytes_by_order={o: root_tracker.count(o) << (o + PAGE_SHIFT) for o in root_tracker.orders},
+        tracker=root_tracker,
     )
+
+
+def _verify(
+    region: Memory, record: HandoverRecord, root: Tracker, sessions: list[SessionImage]
+) -> None:
+    """Read the handover as a successor would; it must be exactly what was written."""
+    try:
+        got = read_handover(region, record)
+    except HandoverError as exc:
+        raise HandoverError(
+            exc.fault, f"the handover just written does not read back: {exc.detail}"
+        ) from None
+    if got.root.tracker != root:
+        raise HandoverError(Fault.SESSION_MISMATCH, "the root list read back differs")
+    if sorted(got.sessions) != [s.name for s in sessions]:
+        raise HandoverError(Fault.SESSION_MISMATCH, "the session nodes read back differ")
+    for s in sessions:
+        back = got.sessions[s.name]
+        if back.uid != s.uid or back.memory.tracker != s.tracker or back.subtree != s.subtree:
+            raise HandoverError(
+                Fault.SESSION_MISMATCH, f"session {s.name!r} reads back differently"
+            )
 
 
 # --------------------------------------------------------------------------- reading
@@ -248,6 +287,16 @@ class Incoming:
     @property
     def scratch(self) -> ScratchRange:
         return ScratchRange(self.record.scratch_phys, self.record.scratch_size)
+
+    def metadata_pfns(self) -> list[int]:
+        """Every page the handover's own metadata occupies, ascending: chunk and bitmap
+        pages of every list, and the FDT's pages."""
+        pages = set(self.root.metadata_pfns)
+        for s in self.sessions.values():
+            pages.update(s.memory.metadata_pfns)
+        first = self.record.fdt_phys >> PAGE_SHIFT
+        pages.update(range(first, first + -(-self.record.fdt_size // PAGE_SIZE)))
+        return sorted(pages)
 
 
 def _prop(node: Node, path: str, name: str, size: int | None = None) -> bytes:
@@ -291,12 +340,7 @@ def _check_record(region: Memory, record: HandoverRecord) -> ScratchRange:
     return ScratchRange(sp, ss)
 
 
-def read_handover(
-    region: Memory,
-    record: HandoverRecord,
-    *,
-    limits: TreeLimits | None = None,
-) -> Incoming:
+def read_handover(region: Memory, record: HandoverRecord) -> Incoming:
     """Validate and decode a committed handover; nothing is reserved here."""
     if record.state is not RecordState.HANDOVER:
         raise HandoverError(Fault.BAD_RECORD, f"the record says {record.state.name}, not HANDOVER")
@@ -313,7 +357,7 @@ def read_handover(
             f"FDT CRC32 is {crc:#010x}, the record says {record.fdt_crc32:#010x}",
         )
     try:
-        tree = from_dtb(blob, limits)
+        tree = from_dtb(blob)
     except DtbError as exc:
         raise HandoverError(Fault.BAD_DTB, exc.detail) from None
 
@@ -357,8 +401,10 @@ def read_handover(
             f"metadata CRC32 is {crc:#010x}, /khod says {want_crc:#010x}",
         )
     _check_sessions(root, sessions)
-    _check_metadata_outside_folios(root, sessions, record)
-    return Incoming(record, generation, blob, tree, root, sessions, crc)
+    got = Incoming(record, generation, blob, tree, root, sessions, crc)
+    meta = got.metadata_pfns()
+    check_metadata_outside(root.tracker, np.fromiter(meta, dtype=np.int64, count=len(meta)))
+    return got
 
 
 def _check_sessions(root: DeserializedList, sessions: dict[str, IncomingSession]) -> None:
@@ -378,15 +424,3 @@ def _check_sessions(root: DeserializedList, sessions: dict[str, IncomingSession]
             f"session lists hold {acc.count()} folios in all, the root list "
             f"{root.tracker.count()}; they must be the same set",
         )
-
-
-def _check_metadata_outside_folios(
-    root: DeserializedList, sessions: dict[str, IncomingSession], record: HandoverRecord
-) -> None:
-    pages = set(root.metadata_pfns)
-    for s in sessions.values():
-        pages.update(s.memory.metadata_pfns)
-    first = record.fdt_phys >> PAGE_SHIFT
-    pages.update(range(first, first + -(-record.fdt_size // PAGE_SIZE)))
-    arr = np.fromiter(sorted(pages), dtype=np.int64, count=len(pages))
-    check_metadata_outside(root.tracker, arr)

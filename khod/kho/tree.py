@@ -89,23 +89,85 @@ class Node:
         return 1 + sum(c.count_nodes() for c in self.children.values())
 
     def nbytes(self) -> int:
-        """Bytes the subtree adds to a DTB, roughly: names plus values."""
-        own = sum(len(k) + len(v) + 12 for k, v in self.props.items())
-        return own + sum(len(k) + 8 + c.nbytes() for k, c in self.children.items())
+        """At most the bytes this node's properties and subtree add to a DTB.
+
+        The node's own name is its parent's to count (:func:`node_cost`).
+        """
+        own = sum(prop_cost(k, v) for k, v in self.props.items())
+        return own + sum(node_cost(k) + c.nbytes() for k, c in self.children.items())
 
     def depth(self) -> int:
         return 1 + max((c.depth() for c in self.children.values()), default=0)
 
 
+# What any reader accepts in a KHO FDT, whatever the writer's configuration
+# (docs/format.md §8). A writer's limits are checked against these when its
+# configuration is loaded, so whatever one khod writes, every khod reads.
+FDT_MAX_NODES = 1 << 16  # nodes in the whole FDT, the root included
+FDT_MAX_DEPTH = 16  # levels below the root
+FDT_MAX_FANOUT = 1024  # child nodes, or properties, of one node
+FDT_MAX_PROP_BYTES = 256 << 10
+
+
+def _pad4(n: int) -> int:
+    return (n + 3) & ~3
+
+
+def node_cost(name: str) -> int:
+    """Most bytes a node's begin and end tokens and its name take in a DTB."""
+    return 8 + _pad4(len(name) + 1)
+
+
+def prop_cost(name: str, value: bytes) -> int:
+    """Most bytes a property takes: token, length, name offset, padded value, its name string."""
+    return 12 + _pad4(len(value)) + len(name) + 1
+
+
 @dataclass(frozen=True)
 class TreeLimits:
-    """Bounds on one session's subtree (and on any tree read back)."""
+    """Bounds on one session's subtree; depth, fan-out and value size are the format's."""
 
     max_nodes: int = 4096
     max_bytes: int = 1 << 20
-    max_depth: int = 16
-    max_prop_bytes: int = 256 << 10
-    max_fanout: int = 1024  # children or properties of one node
+    max_depth: int = FDT_MAX_DEPTH
+    max_prop_bytes: int = FDT_MAX_PROP_BYTES
+    max_fanout: int = FDT_MAX_FANOUT
+
+
+class TreeBudget:
+    """What the trees of all sessions may hold together: one handover's FDT.
+
+    Every tree that goes into the next handover charges its nodes and bytes
+    here, so a request that would make the FDT exceed what a reader accepts
+    is refused when it is made, not at finalize.
+    """
+
+    def __init__(self, max_nodes: int, max_bytes: int) -> None:
+        self.max_nodes = max_nodes
+        self.max_bytes = max_bytes
+        self.nodes = 0
+        self.bytes = 0
+
+    def charge(self, nodes: int, nbytes: int, *, force: bool = False) -> None:
+        """Take ``nodes`` and ``nbytes`` or refuse ``ENOMEM``; ``force`` takes them anyway
+        (what a predecessor handed over must be carried, whatever this config says)."""
+        if not force:
+            if self.nodes + nodes > self.max_nodes:
+                raise enomem(
+                    f"the KHO trees of all sessions would hold {self.nodes + nodes} nodes; "
+                    f"one handover carries at most {self.max_nodes} (limits.tree_total_nodes)"
+                )
+            if self.bytes + nbytes > self.max_bytes:
+                raise enomem(
+                    f"the KHO trees of all sessions would take {self.bytes + nbytes} bytes; "
+                    f"one handover carries at most {self.max_bytes} (limits.tree_total_bytes)"
+                )
+        self.nodes += nodes
+        self.bytes += nbytes
+
+    def release(self, nodes: int, nbytes: int) -> None:
+        self.nodes -= nodes
+        self.bytes -= nbytes
 
 
 class Tree:
@@ -117,12 +179,29 @@ class Tree:
         *,
         limits: TreeLimits | None = None,
         reserved_props: frozenset[str] = frozenset(),
+        budget: TreeBudget | None = None,
     ) -> None:
         self.root = root if root is not None else Node()
         self.limits = limits or TreeLimits()
-        self.reserved_props = reserved_props
+        self.reserved_props = reserved_props  # the writer adds these to the root node
+        self.budget = budget or TreeBudget(1 << 62, 1 << 62)
         self._nodes = self.root.count_nodes()
         self._bytes = self.root.nbytes()
+
+    def _charge(self, nodes: int, nbytes: int) -> None:
+        lim = self.limits
+        if self._nodes + nodes > lim.max_nodes:
+            raise enomem(f"the tree already holds {lim.max_nodes} nodes")
+        if self._bytes + nbytes > lim.max_bytes:
+            raise enomem(f"the tree would exceed {lim.max_bytes} bytes")
+        self.budget.charge(nodes, nbytes)
+        self._nodes += nodes
+        self._bytes += nbytes
+
+    def _release(self, nodes: int, nbytes: int) -> None:
+        self.budget.release(nodes, nbytes)
+        self._nodes -= nodes
+        self._bytes -= nbytes
 
     # ----------------------------------------------------------------- lookup
 
@@ -156,16 +235,10 @@ class Tree:
         lim = self.limits
         if len(parts) >= lim.max_depth:
             raise einval(f"{path} is deeper than {lim.max_depth} levels")
-        if self._nodes + 1 > lim.max_nodes:
-            raise enomem(f"the tree already holds {lim.max_nodes} nodes")
         if len(parent.children) >= lim.max_fanout:
             raise enomem(f"{path.rsplit('/', 1)[0] or '/'} already has {lim.max_fanout} children")
-        cost = len(name) + 8
-        if self._bytes + cost > lim.max_bytes:
-            raise enomem(f"the tree would exceed {lim.max_bytes} bytes")
+        self._charge(1, node_cost(name))
         parent.children[name] = Node()
-        self._nodes += 1
-        self._bytes += cost
         return True
 
     def remove_node(self, path: str) -> None:
@@ -177,8 +250,7 @@ class Tree:
         if node is None:
             raise enoent(f"no node {path}")
         del parent.children[parts[-1]]
-        self._nodes -= node.count_nodes()
-        self._bytes -= node.nbytes() + len(parts[-1]) + 8
+        self._release(node.count_nodes(), node.nbytes() + node_cost(parts[-1]))
 
     def add_prop(self, path: str, name: str, value: bytes) -> bool:
         """Add a property; False (success) if the same bytes are already there."""
@@ -200,13 +272,11 @@ class Tree:
         lim = self.limits
         if len(value) > lim.max_prop_bytes:
             raise enomem(f"property {name!r} is {len(value)} bytes (limit {lim.max_prop_bytes})")
-        if len(node.props) >= lim.max_fanout:
-            raise enomem(f"{path} already has {lim.max_fanout} properties")
-        cost = len(name) + len(value) + 12
-        if self._bytes + cost > lim.max_bytes:
-            raise enomem(f"the tree would exceed {lim.max_bytes} bytes")
+        room = lim.max_fanout - (len(self.reserved_props) if node is self.root else 0)
+        if len(node.props) >= room:
+            raise enomem(f"{path} already has {room} properties")
+        self._charge(0, prop_cost(name, value))
         node.props[name] = value
-        self._bytes += cost
         return True
 
     def add_string_prop(self, path: str, name: str, text: str) -> bool:
@@ -220,7 +290,7 @@ class Tree:
         if name not in node.props:
             raise enoent(f"no property {name!r} in {path}")
         value = node.props.pop(name)
-        self._bytes -= len(name) + len(value) + 12
+        self._release(0, prop_cost(name, value))
         return value
 
     # ----------------------------------------------------------------- size
@@ -234,18 +304,18 @@ class Tree:
         return self._bytes
 
 
-def check_tree(root: Node, limits: TreeLimits) -> None:
-    """Refuse a tree read back from elsewhere that breaks the limits or name rules."""
+def check_tree(root: Node) -> None:
+    """Refuse a tree read back from elsewhere that breaks the format's limits or name rules."""
     for path, node in root.walk():
         depth = path.count("/") if path != "/" else 0
-        if depth > limits.max_depth:
-            raise einval(f"{path} is deeper than {limits.max_depth} levels")
-        if len(node.children) > limits.max_fanout or len(node.props) > limits.max_fanout:
-            raise einval(f"{path} has more than {limits.max_fanout} children or properties")
+        if depth > FDT_MAX_DEPTH:
+            raise einval(f"{path} is deeper than {FDT_MAX_DEPTH} levels")
+        if len(node.children) > FDT_MAX_FANOUT or len(node.props) > FDT_MAX_FANOUT:
+            raise einval(f"{path} has more than {FDT_MAX_FANOUT} children or properties")
         for name in node.children:
             check_node_name(name)
         for name, value in node.props.items():
             if not PROP_NAME.fullmatch(name):
                 raise einval(f"property name {name!r} of {path} is not a devicetree name")
-            if len(value) > limits.max_prop_bytes:
+            if len(value) > FDT_MAX_PROP_BYTES:
                 raise einval(f"property {name!r} of {path} is {len(value)} bytes")
