@@ -14,10 +14,11 @@ lifecycle freezes. While a handover is committed, none of its memory can be
 freed (:meth:`_freeable`).
 
 A successor leaves the predecessor's handover record on the region, and its
-metadata pages reserved, until it first changes what that handover
-describes -- a restore, a release or a finalize (:meth:`_take_over`). A
-successor that dies or stops before then leaves the handover for the next
-start to take in whole.
+metadata pages reserved, for as long as the memory it describes is intact:
+restored folios stay where they are and belong to their owners as before.
+Only freeing such a folio or releasing unclaimed memory contradicts it
+(:meth:`_take_over`). Until then a successor that dies, stops or unfreezes
+leaves that handover on the region for the next start to take in whole.
 """
 
 from __future__ import annotations
@@ -74,6 +75,7 @@ class PendingHandover:
 
     record: HandoverRecord
     metadata: tuple[tuple[int, int], ...]  # (pfn, pages) runs of its chunk, bitmap, FDT pages
+    folios: Tracker  # every folio it holds
 
 
 class Engine:
@@ -158,9 +160,7 @@ class Engine:
     def discard(self, s: Session) -> None:
         """Drop a session with everything it preserved and allocated (LUO's close rule)."""
         s.tracker = Tracker()
-        for pfn in list(s.allocs):
-            self.allocator.free(pfn)
-            s.drop_alloc(pfn)
+        self._free_blocks(s, list(s.allocs))
         if s.incoming is not None:
             s.incoming.claimed = False
         self.budget.release(s.tree.nodes, s.tree.size + session_node_bytes(s.name))
@@ -272,17 +272,13 @@ class Engine:
         return pfn
 
     def free_folio(self, s: Session, phys: int) -> None:
-        pfn = self._freeable(s, phys)
-        self.allocator.free(pfn)
-        s.drop_alloc(pfn)
+        self._free_blocks(s, [self._freeable(s, phys)])
 
     def free_folios(self, s: Session, phys: I64) -> int:
         pfns = [self._freeable(s, int(p)) for p in phys.tolist()]
         if len(set(pfns)) != len(pfns):
             raise einval("free_folios: the same folio appears twice")
-        for pfn in pfns:
-            self.allocator.free(pfn)
-            s.drop_alloc(pfn)
+        self._free_blocks(s, pfns)
         return len(pfns)
 
     # ================================================================= preservation
@@ -403,7 +399,6 @@ class Engine:
         order = inc.unclaimed.find_order(pfn)
         if order is None:
             raise self._not_incoming(s, pfn)
-        self._take_over()
         self.allocator.claim(pfn, order)
         inc.unclaimed.unpreserve_folio(pfn, order)
         s.add_alloc(pfn, order)
@@ -423,7 +418,6 @@ class Engine:
             if order is None:
                 raise self._not_incoming(s, pfn)
             orders.append(order)
-        self._take_over()
         for pfn, order in zip(pfns, orders, strict=True):
             self.allocator.claim(pfn, order)
             s.add_alloc(pfn, order)
@@ -440,7 +434,6 @@ class Engine:
                     f"range {phys:#x}+{size:#x}: folio {pfn << PAGE_SHIFT:#x} order {order} "
                     "is not an unrestored incoming folio of this session"
                 )
-        self._take_over()
         for pfn, order in folios:
             self.allocator.claim(pfn, order)
             inc.unclaimed.unpreserve_folio(pfn, order)
@@ -473,25 +466,35 @@ class Engine:
         return ReleaseResult(released, tuple(dropped))
 
     def _take_over(self) -> None:
-        """Make the incoming handover ours: the region says live, its metadata pages are free.
+        """Make the pending handover ours: the region says live, its metadata pages are free.
 
-        Called before the first change to what the pending handover
-        describes; until then a successor that dies leaves it whole.
+        Called before the first change that contradicts what it describes.
+        A committed handover of our own stays the region's record.
         """
         p = self.pending
         if p is None:
             return
         self.hook(FaultPoint.TAKE_OVER)
-        write_record(self.region, live_record(self.region, self.scratch, self.generation, self.pid))
+        if self.committed is None:
+            rec = live_record(self.region, self.scratch, self.generation, self.pid)
+            write_record(self.region, rec)
         for pfn, npages in p.metadata:
             self.allocator.unreserve_pages(pfn, npages)
         self.pending = None
+
+    def _free_blocks(self, s: Session, pfns: list[int]) -> None:
+        """Give ``s``'s allocations back; freeing handed-over memory takes the handover over."""
+        p = self.pending
+        if p is not None and any(p.folios.intersects(pfn, 1 << s.allocs[pfn]) for pfn in pfns):
+            self._take_over()
+        for pfn in pfns:
+            self.allocator.free(pfn)
+            s.drop_alloc(pfn)
 
     # ================================================================= the lifecycle's levers
 
     def hold(self) -> None:
         """A finalize began: keep every session until :meth:`release`."""
-        self._take_over()
         self.held = True
 
     def freeze(self) -> None:
@@ -551,7 +554,11 @@ class Engine:
         """Take a committed handover back: the record says live again, metadata is freed."""
         if self.committed is None:
             raise enoent("not finalized")
-        write_record(self.region, live_record(self.region, self.scratch, self.generation, self.pid))
+        if self.pending is not None:  # the handover we came from is still whole: offer it again
+            write_record(self.region, self.pending.record)
+        else:
+            rec = live_record(self.region, self.scratch, self.generation, self.pid)
+            write_record(self.region, rec)
         self.committed.free(self.allocator)
         self.committed = None
 

@@ -25,7 +25,7 @@ class FaultPoint(StrEnum):
     POPULATE_VALIDATED = "populate-validated"  # successor: validated, nothing reserved yet
     POPULATE_RESERVED = "populate-reserved"  # successor: incoming folios reserved
     READY = "ready"  # successor: serving, the incoming handover not taken over yet
-    TAKE_OVER = "take-over"  # successor: first restore, before the record says live
+    TAKE_OVER = "take-over"  # successor: handed-over memory freed, before the record says live
 
 
 def point(name: str) -> None:

@@ -14,9 +14,9 @@ What the region's record says decides:
   folio and the handover's own metadata pages while only scratch may be
   allocated, and keep each session's unclaimed folios and subtree until it
   restores them, an operator releases them, or the next finalize carries
-  them forward. The record is left as it is until the engine first changes
-  what it describes (``Engine._take_over``), so a successor that dies before
-  then leaves the handover for the next start;
+  them forward. The record is left as it is for as long as the memory it
+  describes is intact (``Engine._take_over``), so a successor that dies
+  meanwhile leaves the handover for the next start;
 * ``live``: refuse -- the daemon that owned it is gone without a handover
   (it no longer holds the lock) and its clients may still map that memory --
   unless told ``--reset``.
@@ -157,7 +157,7 @@ class StartPlan:
             limits=self.limits,
             incoming=incoming,
             incoming_fdt=inc.fdt,
-            pending=PendingHandover(inc.record, tuple(metadata)),
+            pending=PendingHandover(inc.record, tuple(metadata), root),
             hook=self.hook,
         )
         info = StartInfo(
