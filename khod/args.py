@@ -42,6 +42,14 @@ class Args:
             raise self._bad(name, "an integer in 0..2**64-1", v)
         return v
 
+    def opt_uid(self, name: str = "uid") -> int | None:
+        if self._get(name, False) is None:
+            return None
+        v = self.u64(name)
+        if v >= 1 << 32:
+            raise self._bad(name, "a uid in 0..2**32-1", v)
+        return v
+
     def order(self, name: str = "order") -> int:
         v = self._get(name, True)
         if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= MAX_ORDER:

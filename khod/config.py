@@ -48,6 +48,7 @@ class ServerConfig:
     socket_mode: int = 0o660
     socket_group: str = ""
     operator_group: str = ""
+    memory_group: str = ""
     notifier_timeout_s: float = 10.0
     handover_on_stop: bool = False
     state_dir: str = ""
@@ -212,7 +213,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"{src}: server.socket_mode {s.socket_mode:#o} is not a permission mode")
     if not 0 < s.notifier_timeout_s <= 3600:
         raise ConfigError(f"{src}: server.notifier_timeout_s must be in (0, 3600]")
-    for key in ("socket_group", "operator_group"):
+    for key in ("socket_group", "operator_group", "memory_group"):
         name = getattr(s, key)
         if name:
             try:

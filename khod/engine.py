@@ -38,6 +38,7 @@ from khod.kho.handover import (
     Committed,
     Hook,
     SessionImage,
+    SessionKey,
     commit,
     no_hook,
     session_node_bytes,
@@ -54,6 +55,7 @@ from khod.kho.tree import (
     descend,
     split_path,
 )
+from khod.memfiles import MemoryFiles, runs_of
 from khod.pages import I64, PAGE_SHIFT, PAGE_SIZE, split_range
 from khod.region import Region
 from khod.results import CommitSummary, NodeListing, ReleaseResult, SessionBytes
@@ -88,9 +90,10 @@ class Engine:
         *,
         pid: int,
         limits: EngineLimits | None = None,
-        incoming: dict[str, IncomingState] | None = None,
+        incoming: dict[SessionKey, IncomingState] | None = None,
         incoming_fdt: bytes | None = None,
         pending: PendingHandover | None = None,
+        memory: MemoryFiles | None = None,
         hook: Hook = no_hook,
     ) -> None:
         self.region = region
@@ -99,8 +102,9 @@ class Engine:
         self.generation = generation
         self.pid = pid  # the owner the region's live record names
         self.limits = limits or EngineLimits()
-        self.sessions: dict[str, Session] = {}
-        self.incoming: dict[str, IncomingState] = incoming or {}
+        self.sessions: dict[SessionKey, Session] = {}
+        self.incoming: dict[SessionKey, IncomingState] = incoming or {}
+        self.memory = memory or MemoryFiles(region)  # where clients' bytes live
         self.incoming_fdt = incoming_fdt
         self.pending = pending
         self.hook = hook
@@ -109,69 +113,78 @@ class Engine:
         self.committed: Committed | None = None
         lim = self.limits
         self.budget = TreeBudget(lim.tree_total_nodes, lim.tree_total_bytes)
-        for name, inc in self.incoming.items():  # carried forward until released
-            self.budget.charge(*_subtree_cost(name, inc.subtree), force=True)
+        for k, inc in self.incoming.items():  # carried forward until released
+            self.budget.charge(*_subtree_cost(k, inc.subtree), force=True)
 
     # ================================================================= sessions
 
-    def hello(self, uid: int, name: str, persistent: bool, key: int) -> tuple[Session, bool]:
-        """Create or reattach session ``name`` for ``uid`` on connection ``key``.
+    def hello(self, uid: int, name: str, persistent: bool, conn: int) -> tuple[Session, bool]:
+        """Create or reattach session ``(uid, name)`` on connection ``conn``.
 
-        Returns the session and whether it was created.
+        Sessions of different users never meet: two uids may both have a
+        session "db". Returns the session and whether it was created.
         """
         check_node_name(name)
         if "@" in name or name in ROOT_NAMES:
             raise einval(f"session name {name!r} is reserved or not allowed")
-        s = self.sessions.get(name)
+        key = (uid, name)
+        s = self.sessions.get(key)
         created = s is None
         if s is not None:
-            if s.uid != uid and uid != 0:  # root may act for anyone
-                raise eperm(f"session {name!r} belongs to another user")
             s.persistent = s.persistent or persistent  # a reattach never downgrades
         else:
-            inc = self.incoming.get(name)
-            if inc is not None and inc.uid != uid and uid != 0:
-                raise eperm(f"session {name!r} was handed over for another user")
-            nodes = len(self.sessions) + sum(1 for n in self.incoming if n not in self.sessions)
+            inc = self.incoming.get(key)
+            nodes = len(self.sessions) + sum(1 for k in self.incoming if k not in self.sessions)
             if inc is None and nodes >= self.limits.max_sessions:
                 raise enomem(
                     f"{nodes} sessions exist, live or handed over (limits.max_sessions); "
                     f"no room for {name!r}"
                 )
             # its node is already in the handover when it was handed over: always room
-            self.budget.charge(1, session_node_bytes(name), force=inc is not None)
-            owner = inc.uid if inc is not None else uid
-            s = Session(name, owner, persistent, self.limits.tree, self.budget)
+            self.budget.charge(1, session_node_bytes(key), force=inc is not None)
+            if inc is None:
+                try:
+                    self.memory.ensure(key)  # from now on, missing means lost
+                except BaseException:
+                    self.budget.release(1, session_node_bytes(key))
+                    raise
+            s = Session(name, uid, persistent, self.limits.tree, self.budget)
             if inc is not None:
                 inc.claimed = True
                 s.incoming = inc
-            self.sessions[name] = s
-        s.connections.add(key)
+            self.sessions[key] = s
+        s.connections.add(conn)
         return s, created
 
-    def detach(self, s: Session, key: int) -> bool:
-        """Connection ``key`` of ``s`` closed; returns True if the session was discarded."""
-        s.connections.discard(key)
+    def detach(self, s: Session, conn: int) -> bool:
+        """Connection ``conn`` of ``s`` closed; returns True if the session was discarded."""
+        s.connections.discard(conn)
         if not s.connections and not s.persistent and not self.held:
             self.discard(s)
             return True
         return False
 
     def discard(self, s: Session) -> None:
-        """Drop a session with everything it preserved and allocated (LUO's close rule)."""
+        """Drop a session with everything it preserved and allocated (LUO's close rule).
+
+        Memory handed over to it and not restored yet stays, for whoever takes
+        that name next or for the next handover.
+        """
         s.tracker = Tracker()
         self._free_blocks(s, list(s.allocs))
         if s.incoming is not None:
             s.incoming.claimed = False
-        self.budget.release(s.tree.nodes, s.tree.size + session_node_bytes(s.name))
-        self.sessions.pop(s.name, None)
+        else:
+            self.memory.drop(s.key)
+        self.budget.release(s.tree.nodes, s.tree.size + session_node_bytes(s.key))
+        self.sessions.pop(s.key, None)
 
-    def sweep(self) -> list[str]:
-        """Discard non-persistent sessions left without a connection; returns their names."""
+    def sweep(self) -> list[Session]:
+        """Discard non-persistent sessions left without a connection; returns them."""
         gone = [s for s in self.sessions.values() if not s.connections and not s.persistent]
         for s in gone:
             self.discard(s)
-        return [s.name for s in gone]
+        return gone
 
     # ================================================================= checks
 
@@ -384,6 +397,11 @@ class Engine:
     def _incoming_of(self, s: Session) -> IncomingState:
         if s.incoming is None:
             raise enoent(f"no memory was handed over for session {s.name!r}")
+        if s.incoming.lost:
+            raise enoent(
+                f"the memory of session {s.name!r} (uid {s.uid}) was handed over, but its file "
+                "was gone when this daemon started: nothing of it can be restored"
+            )
         return s.incoming
 
     def _not_incoming(self, s: Session, pfn: int) -> KhoError:
@@ -440,29 +458,40 @@ class Engine:
             s.add_alloc(pfn, order)
         return [(p << PAGE_SHIFT, o) for p, o in folios]
 
-    def release_unclaimed(self, name: str | None = None) -> ReleaseResult:
-        """Free incoming memory nobody restored, and forget unreattached sessions' subtrees."""
-        names = [name] if name is not None else sorted(self.incoming)
-        if name is not None and name not in self.incoming:
+    def release_unclaimed(self, name: str | None = None, uid: int | None = None) -> ReleaseResult:
+        """Free incoming memory nobody restored, and forget unreattached sessions' subtrees.
+
+        All of it, or that of sessions called ``name`` (of ``uid``, if given).
+        """
+        keys = sorted(
+            k
+            for k in self.incoming
+            if (name is None or k[1] == name) and (uid is None or k[0] == uid)
+        )
+        if name is not None and not keys:
             raise enoent(f"no incoming session {name!r}")
         self._take_over()
         released = 0
         dropped: list[str] = []
-        for n in names:
-            inc = self.incoming[n]
+        for k in keys:
+            inc = self.incoming[k]
+            runs: list[tuple[int, int]] = []
             for order in inc.unclaimed.orders:
                 first, count = inc.unclaimed.runs(order)
                 for pfn, c in zip(first.tolist(), count.tolist(), strict=True):
                     self.allocator.unreserve_pages(pfn, c << order)
+                    runs.append((pfn, c << order))
+            self.memory.punch(k, runs)
             released += inc.unclaimed.total_bytes()
             inc.unclaimed = Tracker()
-            self.budget.release(*_subtree_cost(n, inc.subtree))
+            self.budget.release(*_subtree_cost(k, inc.subtree))
             if not inc.claimed:
-                del self.incoming[n]
-                dropped.append(n)
+                del self.incoming[k]
+                self.memory.drop(k)
+                dropped.append(inc.name)
             else:
                 inc.subtree = Node()
-                self.budget.charge(*_subtree_cost(n, inc.subtree), force=True)
+                self.budget.charge(*_subtree_cost(k, inc.subtree), force=True)
         return ReleaseResult(released, tuple(dropped))
 
     def _take_over(self) -> None:
@@ -487,9 +516,11 @@ class Engine:
         p = self.pending
         if p is not None and any(p.folios.intersects(pfn, 1 << s.allocs[pfn]) for pfn in pfns):
             self._take_over()
+        blocks = [(pfn, s.allocs[pfn]) for pfn in pfns]
         for pfn in pfns:
             self.allocator.free(pfn)
             s.drop_alloc(pfn)
+        self.memory.punch(s.key, runs_of(blocks))
 
     # ================================================================= the lifecycle's levers
 
@@ -502,7 +533,7 @@ class Engine:
         self.held = True
         self.frozen = True
 
-    def release(self) -> list[str]:
+    def release(self) -> list[Session]:
         """Back to normal after an abort or unfreeze; returns the sessions swept meanwhile."""
         self.frozen = False
         self.held = False
@@ -516,9 +547,9 @@ class Engine:
             if s.incoming is not None:
                 parts.append(s.incoming.unclaimed)
             out.append(SessionImage(s.name, s.uid, Tracker.union(parts), s.tree.root))
-        for name, inc in self.incoming.items():
-            if name not in self.sessions:
-                out.append(SessionImage(name, inc.uid, inc.unclaimed, inc.subtree))
+        for k, inc in self.incoming.items():
+            if k not in self.sessions:
+                out.append(SessionImage(inc.name, inc.uid, inc.unclaimed, inc.subtree))
         return out
 
     def commit(self) -> CommitSummary:
@@ -562,6 +593,10 @@ class Engine:
         self.committed.free(self.allocator)
         self.committed = None
 
+    def close(self) -> None:
+        """Let go of the descriptors of clients' memory (the region is the caller's)."""
+        self.memory.close()
+
     def stop_clean(self) -> bool:
         """Stop without a handover of our own: the region's record says clean.
 
@@ -581,6 +616,6 @@ _NOT_ALLOCATED = (Errno.EINVAL, "the start of an allocation")
 _NOT_PRESERVED = (Errno.ENOENT, "preserved")
 
 
-def _subtree_cost(name: str, subtree: Node) -> tuple[int, int]:
+def _subtree_cost(key: SessionKey, subtree: Node) -> tuple[int, int]:
     """What a carried-forward session node costs the handover's tree budget."""
-    return subtree.count_nodes(), subtree.nbytes() + session_node_bytes(name)
+    return subtree.count_nodes(), subtree.nbytes() + session_node_bytes(key)

@@ -48,6 +48,7 @@ from khod.faults import FaultPoint
 from khod.kho.handover import Hook, no_hook
 from khod.log import Log
 from khod.results import FinalizeResult, ReleaseResult, UnfreezeResult
+from khod.session import Session
 
 
 class State(StrEnum):
@@ -290,9 +291,9 @@ class Lifecycle:
         self.announce("active")
         await self._round("unfreeze", progress, stop_on_failure=False)
 
-    def _log_swept(self, names: list[str], reason: str) -> None:
-        for name in names:
-            self.log.info("session.discarded", session=name, reason=reason)
+    def _log_swept(self, sessions: list[Session], reason: str) -> None:
+        for s in sessions:
+            self.log.info("session.discarded", session=s.name, uid=s.uid, reason=reason)
 
     # ----------------------------------------------------------------- unfreeze, handover, stop
 
@@ -354,9 +355,9 @@ class Lifecycle:
             )
         self._enter(nxt)
 
-    def release_unclaimed(self, name: str | None = None) -> ReleaseResult:
+    def release_unclaimed(self, name: str | None = None, uid: int | None = None) -> ReleaseResult:
         self._check(Step.RELEASE)
-        out = self.engine.release_unclaimed(name)
+        out = self.engine.release_unclaimed(name, uid)
         self.log.info(
             "incoming.released",
             session=name or "*",

@@ -302,6 +302,7 @@ def _run_on_region(region: Region, cfg: Config, args: argparse.Namespace, log: L
     finally:
         if identity is not None:
             unlink_if_ours(cfg.server.socket, identity)
+    d.engine.close()
     if d.lifecycle.state is State.HANDED_OVER:
         region.flush()
         log.info("exit", reason=d.server.exit_reason, handover_generation=d.engine.generation + 1)

@@ -82,14 +82,17 @@ def _folios(folios: list[tuple[int, int]]) -> list[list[int]]:
 def _hello(ctx: Context, caller: Caller, a: Args, _: int) -> Any:
     name = a.string("name", MAX_NAME)
     persistent = a.flag("persistent")
+    uid = a.opt_uid()
     a.done()
-    if caller.session is not None and caller.session.name != name:
+    peer = caller.peer
+    owner = peer.uid if uid is None else uid
+    if owner != peer.uid and not peer.is_root:
+        raise eperm(f"only root may open a session of another user (uid {owner})")
+    if caller.session is not None and caller.session.key != (owner, name):
         raise einval(f"this connection already speaks for session {caller.session.name!r}")
-    s, created = ctx.engine.hello(caller.peer.uid, name, persistent, caller.key)
+    s, created = ctx.engine.hello(owner, name, persistent, caller.key)
     caller.session = s
-    ctx.log.info(
-        "session.hello", session=name, uid=caller.peer.uid, created=created, persistent=persistent
-    )
+    ctx.log.info("session.hello", session=name, uid=owner, created=created, persistent=s.persistent)
     return {
         "session": name,
         "created": created,
@@ -103,12 +106,18 @@ def _hello(ctx: Context, caller: Caller, a: Args, _: int) -> Any:
 
 @op("region", session=True)
 def _region(ctx: Context, caller: Caller, a: Args, _: int) -> Any:
+    """The descriptor of this session's memory (docs/protocol.md §8)."""
     a.done()
-    r = ctx.engine.region
-    if r.backend == "devmem" and not caller.peer.is_root:
-        raise eperm("the devmem backend's fd is /dev/mem itself; only root may receive it")
+    s, r, memory = _needs_session(caller, a), ctx.engine.region, ctx.engine.memory
+    if memory.shared and not caller.peer.maps_shared:
+        raise eperm(
+            f"the {r.backend} backend passes {r.path} itself, the whole of memory: only root "
+            "and members of server.memory_group may map it"
+        )
     info = {"base": r.base, "size": r.size, "map_offset": r.map_offset, "backend": r.backend}
-    return Outcome(info, fds=(r.fileno(),))
+    if not memory.shared:
+        info["map_offset"] = 0  # the session's own file, laid out like the region
+    return Outcome(info, fds=(memory.fd(s.key),))
 
 
 @op("subscribe", session=True)
@@ -335,8 +344,10 @@ def _get_prop(ctx: Context, s: Session, a: Args) -> Any:
 
 @op("status")
 def _status(ctx: Context, caller: Caller, a: Args, _: int) -> Any:
+    """Everything for operators; a user sees its own sessions only."""
     a.done()
-    return status.snapshot(ctx.engine, ctx.lifecycle, ctx.connection_count())
+    viewer = None if caller.peer.operator else caller.peer.uid
+    return status.snapshot(ctx.engine, ctx.lifecycle, ctx.connection_count(), viewer)
 
 
 @op("fdt", operator=True)
@@ -368,5 +379,6 @@ def _handover(ctx: Context, caller: Caller, a: Args, _: int) -> Any:
 @op("release_unclaimed", operator=True)
 def _release_unclaimed(ctx: Context, caller: Caller, a: Args, _: int) -> Any:
     name = a.opt_string("session", MAX_NAME)
+    uid = a.opt_uid()
     a.done()
-    return ctx.lifecycle.release_unclaimed(name)
+    return ctx.lifecycle.release_unclaimed(name, uid)

@@ -24,6 +24,7 @@ import gc
 import mmap
 import os
 import stat
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -235,7 +236,9 @@ class Region:
         try:
             self._mm.close()
         except BufferError:
-            gc.collect()
+            with warnings.catch_warnings():  # others' finalizers are not this close's business
+                warnings.simplefilter("ignore", ResourceWarning)
+                gc.collect()
             try:
                 self._mm.close()
             except BufferError:

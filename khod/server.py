@@ -227,8 +227,9 @@ class Server:
         self.wire_limits = Limits(
             max_frame=config.limits.max_frame, max_array=config.limits.max_batch
         )
-        og = config.server.operator_group
+        og, mg = config.server.operator_group, config.server.memory_group
         self.operator_gid: int | None = grp.getgrnam(og).gr_gid if og else None
+        self.memory_gid: int | None = grp.getgrnam(mg).gr_gid if mg else None
 
     # ================================================================= the handlers' context
 
@@ -303,7 +304,8 @@ class Server:
             self._groups[key] = groups
         groups = self._groups[key]
         operator = uid == 0 or (self.operator_gid is not None and self.operator_gid in groups)
-        return Peer(pid, uid, gid, operator, groups)
+        shared = uid == 0 or (self.memory_gid is not None and self.memory_gid in groups)
+        return Peer(pid, uid, gid, operator, groups, shared)
 
     async def _serve(self, stream: trio.SocketStream) -> None:
         try:

@@ -28,6 +28,7 @@ class IncomingState:
     unclaimed: Tracker  # folios not restored yet
     subtree: Node
     claimed: bool = False  # a live session of this name has reattached
+    lost: bool = False  # its memory file was gone when the successor started
 
 
 class Session:
@@ -106,6 +107,10 @@ class Session:
     def allocated_bytes(self) -> int:
         return sum(folio_bytes(o) for o in self.allocs.values())
 
+    @property
+    def key(self) -> tuple[int, str]:
+        return self.uid, self.name
+
     def __repr__(self) -> str:
         return f"<Session {self.name!r} uid={self.uid} folios={self.tracker.count()}>"
 
@@ -117,8 +122,9 @@ class Peer:
     pid: int
     uid: int
     gid: int
-    operator: bool = False
+    operator: bool = False  # root or a member of server.operator_group
     groups: frozenset[int] = field(default_factory=frozenset)
+    maps_shared: bool = False  # root or a member of server.memory_group (devmem, dax)
 
     @property
     def is_root(self) -> bool:

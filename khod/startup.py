@@ -40,6 +40,7 @@ from khod.faults import FaultPoint
 from khod.kho.handover import Hook, Incoming, no_hook, read_handover
 from khod.kho.memory import ScratchRange
 from khod.kho.record import RecordState, live_record, read_record, write_record
+from khod.memfiles import memory_files
 from khod.pages import PAGE_SHIFT, PAGE_SIZE
 from khod.region import Region
 from khod.session import IncomingState
@@ -125,6 +126,7 @@ class StartPlan:
             self.generation,
             pid=self.pid,
             limits=self.limits,
+            memory=memory_files(self.region),
             hook=self.hook,
         )
         return engine, StartInfo("format", self.generation, reset_from=self.reset_from)
@@ -143,9 +145,16 @@ class StartPlan:
             np.array([n for _, n in metadata], dtype=np.int64),
         )
         self.hook(FaultPoint.POPULATE_RESERVED)
+        memory = memory_files(region)
         incoming = {
-            name: IncomingState(name, s.uid, s.memory.tracker, s.subtree)
-            for name, s in inc.sessions.items()
+            key: IncomingState(
+                s.name,
+                s.uid,
+                s.memory.tracker,
+                s.subtree,
+                lost=bool(s.memory.tracker) and not memory.exists(key),
+            )
+            for key, s in inc.sessions.items()
         }
         alloc.set_scratch_only(False)
         engine = Engine(
@@ -158,6 +167,7 @@ class StartPlan:
             incoming=incoming,
             incoming_fdt=inc.fdt,
             pending=PendingHandover(inc.record, tuple(metadata), root),
+            memory=memory,
             hook=self.hook,
         )
         info = StartInfo(

@@ -6,6 +6,7 @@ own.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 from khod.engine import Engine
@@ -69,9 +70,10 @@ def session_info(s: Session) -> SessionInfo:
     )
 
 
-def incoming_info(e: Engine) -> IncomingInfo:
+def incoming_info(e: Engine, viewer: int | None = None) -> IncomingInfo:
+    shown = [i for i in e.incoming.values() if viewer is None or i.uid == viewer]
     return IncomingInfo(
-        unclaimed_bytes=incoming_unclaimed_bytes(e),
+        unclaimed_bytes=sum(i.unclaimed.total_bytes() for i in shown),
         sessions=tuple(
             IncomingSessionInfo(
                 name=inc.name,
@@ -80,21 +82,29 @@ def incoming_info(e: Engine) -> IncomingInfo:
                 unclaimed_bytes=inc.unclaimed.total_bytes(),
                 unclaimed_folios=inc.unclaimed.count(),
             )
-            for inc in sorted(e.incoming.values(), key=lambda i: i.name)
+            for inc in sorted(shown, key=lambda i: (i.name, i.uid))
         ),
     )
 
 
-def snapshot(e: Engine, life: Lifecycle, connections: int) -> Status:
-    """The whole ``status`` reply."""
+def snapshot(e: Engine, life: Lifecycle, connections: int, viewer: int | None = None) -> Status:
+    """The whole ``status`` reply; ``viewer`` (a uid) sees only its own sessions."""
+    sessions = sorted(e.sessions.values(), key=lambda s: (s.name, s.uid))
+    last = life.last_finalize
+    if viewer is not None:
+        sessions = [s for s in sessions if s.uid == viewer]
+        if last is not None:
+            last = dataclasses.replace(
+                last, sessions=tuple(b for b in last.sessions if b.uid == viewer)
+            )
     return Status(
         state=str(life.state),
         generation=e.generation,
         pid=os.getpid(),
         region=region_usage(e),
-        sessions=tuple(session_info(s) for s in sorted(e.sessions.values(), key=lambda s: s.name)),
-        incoming=incoming_info(e),
-        last_finalize=life.last_finalize,
+        sessions=tuple(session_info(s) for s in sessions),
+        incoming=incoming_info(e, viewer),
+        last_finalize=last,
         connections=connections,
         frozen=e.frozen,
     )

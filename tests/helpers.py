@@ -169,6 +169,7 @@ async def inproc_daemon(
                 server.request_stop("test over")
                 await server.finished.wait()
                 nursery.cancel_scope.cancel()
+                engine.close()
     finally:
         region.close()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 from contextlib import AsyncExitStack
 from pathlib import Path
@@ -56,7 +57,7 @@ async def test_finalize_phase_lets_sessions_add_memory_and_nodes(shm_dir: Path) 
         # what the handover holds, read back as a successor would
         region = d.server.engine.region
         incoming = read_handover(region, read_record(region))  # type: ignore[arg-type]
-        assert incoming.sessions["vmm"].subtree.children["paused"].props == {
+        assert incoming.sessions[(os.getuid(), "vmm")].subtree.children["paused"].props == {
             "checksum": b"\x12\x34"
         }
         await op.unfreeze()
@@ -201,7 +202,10 @@ async def test_race_preserves_against_finalize(shm_dir: Path) -> None:
         region = d.server.engine.region
         incoming = read_handover(region, read_record(region))  # type: ignore[arg-type]
         for name, phys in succeeded.items():
-            got = sorted(p << 12 for p in incoming.sessions[name].memory.tracker.folios(0).tolist())
+            got = sorted(
+                p << 12
+                for p in incoming.sessions[(os.getuid(), name)].memory.tracker.folios(0).tolist()
+            )
             assert got == sorted(phys), f"session {name}: preserved set differs from what succeeded"
         assert summary["folios"] == {"0": total_ok}
 

@@ -81,8 +81,8 @@ def test_round_trip(setup: Setup) -> None:
     assert rec.generation == 1
     inc = read_handover(setup.region, rec)
     assert inc.generation == 1
-    assert sorted(inc.sessions) == ["db", "vmm"]
-    vmm, db = inc.sessions["vmm"], inc.sessions["db"]
+    assert sorted(inc.sessions) == [(1000, "vmm"), (1001, "db")]
+    vmm, db = inc.sessions[(1000, "vmm")], inc.sessions[(1001, "db")]
     assert (vmm.uid, db.uid) == (1000, 1001)
     assert vmm.memory.tracker.folios(9).tolist() == setup.vmm_folios
     assert db.memory.tracker.count() == 2 + 4
@@ -300,13 +300,27 @@ def test_bad_dtb(setup: Setup) -> None:
     [
         ("khod", "generation", "no 'generation'"),
         ("preserved-memory", "metadata", "no 'metadata'"),
-        ("vmm", "owner-uid", "no 'owner-uid'"),
-        ("db", "compatible", "no 'compatible'"),
+        ("u1000,vmm", "owner-uid", "no 'owner-uid'"),
+        ("u1001,db", "compatible", "no 'compatible'"),
     ],
 )
 def test_missing_property(setup: Setup, node: str, prop: str, match: str) -> None:
     rewrite_fdt(setup, lambda t: t.children[node].props.pop(prop))  # type: ignore[attr-defined]
     expect(setup, Fault.MISSING_PROPERTY, match)
+
+
+def test_a_session_node_must_be_named_for_its_owner(setup: Setup) -> None:
+    def rename(t: object) -> None:
+        kids = t.children  # type: ignore[attr-defined]
+        kids["u1002,vmm"] = kids.pop("u1000,vmm")  # owner-uid still says 1000
+
+    rewrite_fdt(setup, rename)
+    expect(setup, Fault.MISSING_PROPERTY, "not named u<owner-uid>")
+
+
+def test_an_older_khods_handover_is_refused_by_name(setup: Setup) -> None:
+    rewrite_fdt(setup, lambda t: t.children["khod"].props.update(compatible=b"khod-v1\0"))  # type: ignore[attr-defined]
+    expect(setup, Fault.MISSING_PROPERTY, "written by a khod before sessions were")
 
 
 def test_wrong_compatible(setup: Setup) -> None:
@@ -342,7 +356,7 @@ def test_session_lists_not_disjoint(setup: Setup) -> None:
     # point db's list at vmm's: both sessions now claim the same folios
     def edit(t: object) -> None:
         kids = t.children  # type: ignore[attr-defined]
-        kids["db"].props["metadata"] = kids["vmm"].props["metadata"]
+        kids["u1001,db"].props["metadata"] = kids["u1000,vmm"].props["metadata"]
 
     rewrite_fdt(setup, edit)
     reseal_metadata_crc(setup)

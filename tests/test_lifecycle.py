@@ -213,8 +213,8 @@ async def test_sessions_may_still_edit_during_the_finalize_phase(rig: Rig) -> No
     rec = read_record(region)
     assert rec is not None
     incoming = read_handover(region, rec)
-    assert incoming.sessions["db"].memory.tracker.folios(9).tolist() == [late >> 12]
-    assert "paused" in incoming.sessions["db"].subtree.children
+    assert incoming.sessions[(1000, "db")].memory.tracker.folios(9).tolist() == [late >> 12]
+    assert "paused" in incoming.sessions[(1000, "db")].subtree.children
 
 
 @pytest.mark.parametrize(

@@ -226,7 +226,7 @@ def code(fn):
     except KhoError as e:
         return str(e.code)
 c = Client(path)
-out["hello_root_session"] = code(lambda: c.hello("rootsess"))
+out["hello_root_session"] = code(lambda: Client(path, session="rootsess").close())
 out["finalize"] = code(lambda: c.finalize())
 out["fdt"] = code(lambda: c.fdt("out"))
 out["release"] = code(lambda: c.release_unclaimed())
@@ -236,6 +236,7 @@ out["preserve_own"] = code(lambda: c.preserve_folio(f))
 out["preserve_roots"] = code(lambda: c.preserve_folio(ROOT_PHYS, 0))
 out["free_roots"] = code(lambda: c.free_folio(ROOT_PHYS))
 out["status"] = code(lambda: c.status())
+out["sessions_seen"] = [[s["name"], s["uid"]] for s in c.status()["sessions"]]
 out["uid"] = c.hello_info["uid"]
 out["mine_phys"] = f.phys
 c.close()
@@ -253,15 +254,18 @@ def test_uid_isolation(shm_dir: Path) -> None:
         got = as_nobody(d.socket, NOBODY_ACTIONS.replace("ROOT_PHYS", str(folio.phys)))
         assert "crash" not in got, got
         assert got["uid"] == UNPRIVILEGED
-        assert got["hello_root_session"] == "EPERM"
+        # a name is per user: nobody's "rootsess" is a session of its own, not root's
+        assert got["hello_root_session"] == "ok"
         assert got["finalize"] == got["fdt"] == got["release"] == "EPERM"
         assert got["preserve_own"] == "ok"
         assert got["preserve_roots"] == "EPERM"
         assert got["free_roots"] == "ENOENT"
         assert got["status"] == "ok"
-        # root may act for anyone: it can open the other user's session
-        with d.client("mine") as as_root:
+        assert got["sessions_seen"] == [["mine", UNPRIVILEGED]]  # its own only
+        # root may act for anyone, naming the user
+        with d.client("mine", uid=UNPRIVILEGED) as as_root:
             assert as_root.hello_info["uid"] == UNPRIVILEGED
+            assert as_root.hello_info["created"] is False
             assert as_root.unpreserve_folio(got["mine_phys"]) == 0
         # and the root session still holds exactly what it preserved
         with pytest.raises(KhoError) as e:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -258,7 +259,12 @@ async def test_region_fd_is_passed(shm_dir: Path) -> None:
         view = await m.map(f)
         view[:] = b"z" * f.size
         del view
-        assert d.server.engine.region.read(f.phys, 8) == b"z" * 8
+        # the bytes live in the session's own file; the region file has only khod's
+        own = shm_dir / f"region.sessions/{os.getuid()}.m"
+        with open(own, "rb") as mem:
+            mem.seek(f.phys - info.base)
+            assert mem.read(8) == b"z" * 8
+        assert d.server.engine.region.read(f.phys, 8) == bytes(8)
 
 
 async def test_connection_limit_per_uid(shm_dir: Path) -> None:

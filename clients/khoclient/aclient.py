@@ -64,12 +64,14 @@ class AsyncClient:
         session: str | None = None,
         persistent: bool = False,
         *,
+        uid: int | None = None,
         timeout: float | None = 60.0,
         on_handover: Callable[[int], None] | None = None,
     ) -> None:
         self.socket_path = default_socket(socket_path)
         self.session = session
         self.persistent = persistent
+        self.uid = uid
         self.timeout = timeout
         self.on_handover = on_handover
         self.handed_over = trio.Event()
@@ -99,7 +101,7 @@ class AsyncClient:
             self._nursery = await self._stack.enter_async_context(trio.open_nursery())
             self._spawn(self._read_loop)
             if self.session is not None:
-                await self.hello(self.session, self.persistent)
+                await self.hello(self.session, self.persistent, self.uid)
         except BaseException:
             await self._shutdown()
             raise
@@ -247,9 +249,13 @@ class AsyncClient:
 
     # ----------------------------------------------------------------- session and region
 
-    async def hello(self, name: str, persistent: bool = False) -> dict[str, Any]:
-        self.hello_info = await self.call(C.hello(name, persistent))
-        self.session, self.persistent = name, persistent
+    async def hello(
+        self, name: str, persistent: bool = False, uid: int | None = None
+    ) -> dict[str, Any]:
+        """Create or reattach session ``name`` (of ``uid``: root only)."""
+        self.hello_info = await self.call(C.hello(name, persistent, uid))
+        self.session, self.persistent = name, bool(self.hello_info["persistent"])
+        self.uid = int(self.hello_info["uid"])
         return self.hello_info
 
     async def region(self) -> RegionInfo:
@@ -385,5 +391,7 @@ class AsyncClient:
     async def handover(self) -> dict[str, Any]:
         return await self.call(C.handover())
 
-    async def release_unclaimed(self, session: str | None = None) -> dict[str, Any]:
-        return await self.call(C.release_unclaimed(session))
+    async def release_unclaimed(
+        self, session: str | None = None, uid: int | None = None
+    ) -> dict[str, Any]:
+        return await self.call(C.release_unclaimed(session, uid))

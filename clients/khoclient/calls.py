@@ -64,8 +64,8 @@ def _none(_: Any) -> None:
     return None
 
 
-def hello(name: str, persistent: bool) -> Call[dict[str, Any]]:
-    return Call("hello", {"name": name, "persistent": persistent})
+def hello(name: str, persistent: bool, uid: int | None = None) -> Call[dict[str, Any]]:
+    return Call("hello", {"name": name, "persistent": persistent, "uid": uid})
 
 
 def region() -> Call[RegionInfo]:
@@ -241,5 +241,5 @@ def handover() -> Call[dict[str, Any]]:
     return Call("handover")
 
 
-def release_unclaimed(session: str | None = None) -> Call[dict[str, Any]]:
-    return Call("release_unclaimed", {"session": session})
+def release_unclaimed(session: str | None = None, uid: int | None = None) -> Call[dict[str, Any]]:
+    return Call("release_unclaimed", {"session": session, "uid": uid})

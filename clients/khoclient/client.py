@@ -57,6 +57,7 @@ class Client:
         session: str | None = None,
         persistent: bool = False,
         *,
+        uid: int | None = None,
         timeout: float | None = 60.0,
         on_handover: Callable[[int], None] | None = None,
     ) -> None:
@@ -90,10 +91,11 @@ class Client:
         self._dispatcher.start()
         self.session: str | None = None
         self.persistent = persistent
+        self.uid = uid
         self.hello_info: dict[str, Any] = {}
         if session is not None:
             try:
-                self.hello(session, persistent)
+                self.hello(session, persistent, uid)
             except BaseException:
                 self.close()
                 raise
@@ -219,9 +221,11 @@ class Client:
 
     # ----------------------------------------------------------------- session and region
 
-    def hello(self, name: str, persistent: bool = False) -> dict[str, Any]:
-        self.hello_info = self.call(C.hello(name, persistent))
-        self.session, self.persistent = name, persistent
+    def hello(self, name: str, persistent: bool = False, uid: int | None = None) -> dict[str, Any]:
+        """Create or reattach session ``name`` (of ``uid``: root only)."""
+        self.hello_info = self.call(C.hello(name, persistent, uid))
+        self.session, self.persistent = name, bool(self.hello_info["persistent"])
+        self.uid = int(self.hello_info["uid"])
         return self.hello_info
 
     def region(self) -> RegionInfo:
@@ -357,8 +361,10 @@ class Client:
     def handover(self) -> dict[str, Any]:
         return self.call(C.handover())
 
-    def release_unclaimed(self, session: str | None = None) -> dict[str, Any]:
-        return self.call(C.release_unclaimed(session))
+    def release_unclaimed(
+        self, session: str | None = None, uid: int | None = None
+    ) -> dict[str, Any]:
+        return self.call(C.release_unclaimed(session, uid))
 
 
 def _phys(phys: int | Folio) -> int:

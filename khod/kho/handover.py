@@ -35,12 +35,12 @@ from khod.kho.memory import Memory, Pages, ScratchRange
 from khod.kho.props import as_string, as_u32, as_u64, string_value, u32, u64
 from khod.kho.record import HandoverRecord, RecordState, write_record
 from khod.kho.tracker import Tracker
-from khod.kho.tree import Node, node_cost
+from khod.kho.tree import SESSION_NODE, Node, node_cost
 from khod.pages import PAGE_SHIFT, PAGE_SIZE
 
 KHO_COMPATIBLE = "kho-v1"
-KHOD_COMPATIBLE = "khod-v1"
-SESSION_COMPATIBLE = "khod,session-v1"
+KHOD_COMPATIBLE = "khod-v2"  # v2: sessions are (uid, name); v1 named nodes by name alone
+SESSION_COMPATIBLE = "khod,session-v2"
 ROOT_NODES = frozenset({"preserved-memory", "khod"})
 ROOT_NAMES = ROOT_NODES | {"compatible"}  # names at the root: not available as session names
 SESSION_PROPS = frozenset({"compatible", "owner-uid", "metadata"})  # written by khod
@@ -52,9 +52,24 @@ SESSION_NODE_BYTES = 96
 FDT_FIXED_BYTES = 512
 
 
-def session_node_bytes(name: str) -> int:
+SessionKey = tuple[int, str]  # (owner uid, name): sessions of different users never meet
+
+
+def session_node(key: SessionKey) -> str:
+    """A session's node name at the FDT root: ``u<uid>,<name>`` (docs/format.md §6.3)."""
+    return f"u{key[0]},{key[1]}"
+
+
+def parse_session_node(node: str) -> SessionKey | None:
+    m = SESSION_NODE.fullmatch(node)
+    if m is None or int(m.group(1)) >= 1 << 32:
+        return None
+    return int(m.group(1)), m.group(2)
+
+
+def session_node_bytes(key: SessionKey) -> int:
     """At most the bytes of a session node with khod's properties and no subtree."""
-    return node_cost(name) + SESSION_NODE_BYTES
+    return node_cost(session_node(key)) + SESSION_NODE_BYTES
 
 
 class CommitStep(StrEnum):
@@ -81,6 +96,10 @@ class SessionImage:
     uid: int
     tracker: Tracker
     subtree: Node = field(default_factory=Node)
+
+    @property
+    def node(self) -> str:
+        return session_node((self.uid, self.name))
 
 
 @dataclass
@@ -138,8 +157,8 @@ def build_fdt(
         }
     )
     for image, first in sessions:
-        if image.name in ROOT_NAMES:
-            raise einval(f"session name {image.name!r} is reserved")
+        if image.name in ROOT_NAMES or parse_session_node(image.node) is None:
+            raise einval(f"session name {image.name!r} is reserved or not allowed")
         node = image.subtree.copy()
         clash = SESSION_PROPS & node.props.keys()
         if clash:
@@ -151,7 +170,7 @@ def build_fdt(
                 "metadata": u64(first),
             }
         )
-        root.children[image.name] = node
+        root.children[image.node] = node
     return root
 
 
@@ -173,9 +192,9 @@ def commit(
     any failure before the commit point every page taken is given back and
     the region's record is untouched.
     """
-    sessions = sorted(sessions, key=lambda s: s.name)
-    if len({s.name for s in sessions}) != len(sessions):
-        raise einval("two sessions share a name")
+    sessions = sorted(sessions, key=lambda s: s.node)
+    if len({s.node for s in sessions}) != len(sessions):
+        raise einval("two sessions share a name and an owner")
     root_tracker = Tracker.union([s.tracker for s in sessions])
     if root_tracker.count() != sum(s.tracker.count() for s in sessions):
         raise einval("sessions' preservation sets are not disjoint")
@@ -188,11 +207,11 @@ def commit(
         lists: dict[str, SerializedList] = {}
         crc = root.crc32
         for s in sessions:
-            lists[s.name] = serialize(s.tracker, allocator, region, crc_seed=crc)
-            written.append(lists[s.name])
-            crc = lists[s.name].crc32
+            lists[s.node] = serialize(s.tracker, allocator, region, crc_seed=crc)
+            written.append(lists[s.node])
+            crc = lists[s.node].crc32
         tree = build_fdt(
-            generation, root.first_chunk, crc, [(s, lists[s.name].first_chunk) for s in sessions]
+            generation, root.first_chunk, crc, [(s, lists[s.node].first_chunk) for s in sessions]
         )
         blob = to_dtb(tree)
         if len(blob) > MAX_FDT_BYTES:
@@ -251,10 +270,10 @@ def _verify(
         ) from None
     if got.root.tracker != root:
         raise HandoverError(Fault.SESSION_MISMATCH, "the root list read back differs")
-    if sorted(got.sessions) != [s.name for s in sessions]:
+    if sorted(got.sessions) != sorted((s.uid, s.name) for s in sessions):
         raise HandoverError(Fault.SESSION_MISMATCH, "the session nodes read back differ")
     for s in sessions:
-        back = got.sessions[s.name]
+        back = got.sessions[(s.uid, s.name)]
         if back.uid != s.uid or back.memory.tracker != s.tracker or back.subtree != s.subtree:
             raise HandoverError(
                 Fault.SESSION_MISMATCH, f"session {s.name!r} reads back differently"
@@ -281,7 +300,7 @@ class Incoming:
     fdt: bytes
     tree: Node
     root: DeserializedList
-    sessions: dict[str, IncomingSession]
+    sessions: dict[SessionKey, IncomingSession]
     metadata_crc32: int
 
     @property
@@ -369,6 +388,12 @@ def read_handover(region: Memory, record: HandoverRecord) -> Incoming:
     khod = tree.children.get("khod")
     if khod is None:
         raise HandoverError(Fault.MISSING_PROPERTY, "no /khod node")
+    if khod.props.get("compatible") == string_value("khod-v1"):
+        raise HandoverError(
+            Fault.MISSING_PROPERTY,
+            "/khod is compatible 'khod-v1': written by a khod before sessions were (uid, name) "
+            "and kept their memory in files of their own; it cannot take this handover in",
+        )
     _compatible(khod, "/khod", KHOD_COMPATIBLE)
     generation = as_u64(_prop(khod, "/khod", "generation", 8))
     want_crc = as_u32(_prop(khod, "/khod", "metadata-crc32", 4))
@@ -380,21 +405,28 @@ def read_handover(region: Memory, record: HandoverRecord) -> Incoming:
 
     root = deserialize(region, root_first, scratch)
     crc = root.crc32
-    sessions: dict[str, IncomingSession] = {}
-    for name in sorted(tree.children):
-        if name in ROOT_NODES:
+    sessions: dict[SessionKey, IncomingSession] = {}
+    for node_name in sorted(tree.children):
+        if node_name in ROOT_NODES:
             continue
-        node = tree.children[name]
-        path = f"/{name}"
+        node = tree.children[node_name]
+        path = f"/{node_name}"
         _compatible(node, path, SESSION_COMPATIBLE)
+        key = parse_session_node(node_name)
         uid = as_u32(_prop(node, path, "owner-uid", 4))
+        if key is None or key[0] != uid:
+            raise HandoverError(
+                Fault.MISSING_PROPERTY,
+                f"{path} is not named u<owner-uid>,<session> for its owner-uid {uid}",
+            )
+        name = key[1]
         first = as_u64(_prop(node, path, "metadata", 8))
         memory = deserialize(region, first, scratch, crc_seed=crc)
         crc = memory.crc32
         subtree = node.copy()
         for p in SESSION_PROPS:
             subtree.props.pop(p, None)
-        sessions[name] = IncomingSession(name, uid, memory, subtree)
+        sessions[key] = IncomingSession(name, uid, memory, subtree)
     if crc != want_crc:
         raise HandoverError(
             Fault.CRC_MISMATCH,
@@ -407,15 +439,15 @@ def read_handover(region: Memory, record: HandoverRecord) -> Incoming:
     return got
 
 
-def _check_sessions(root: DeserializedList, sessions: dict[str, IncomingSession]) -> None:
+def _check_sessions(root: DeserializedList, sessions: dict[SessionKey, IncomingSession]) -> None:
     """Session lists must be disjoint and add up to the root list."""
     acc = Tracker()
-    for name, s in sessions.items():
+    for key, s in sessions.items():
         merged = Tracker.union([acc, s.memory.tracker])
         if merged.count() != acc.count() + s.memory.tracker.count():
             raise HandoverError(
                 Fault.SESSION_MISMATCH,
-                f"session {name!r} lists folios that another session lists too",
+                f"session {session_node(key)} lists folios that another session lists too",
             )
         acc = merged
     if acc != root.tracker:

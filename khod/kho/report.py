@@ -124,12 +124,12 @@ def examine(region: Memory, rep: Report, pid_alive: Callable[[int], bool] | None
     rep.root = _totals(inc.root.tracker)
     rep.sessions = [
         {
-            "name": name,
+            "name": s.name,
             "uid": s.uid,
             **_totals(s.memory.tracker),
             "subtree_nodes": s.subtree.count_nodes() - 1,
         }
-        for name, s in sorted(inc.sessions.items())
+        for _, s in sorted(inc.sessions.items())
     ]
     rep.verdict = "populate"
     rep.reason = (

@@ -22,6 +22,9 @@ from khod.errors import eexist, einval, enoent, enomem, eperm
 from khod.kho.props import string_value
 
 NODE_NAME = re.compile(r"[A-Za-z0-9,._+-]{1,31}(@[A-Za-z0-9,._+-]{1,31})?")
+# khod's session nodes at the root: ``u<owner uid>,<session name>`` (docs/format.md §6.3),
+# longer than a devicetree node name may be, as dtc and libfdt allow.
+SESSION_NODE = re.compile(r"u(0|[1-9][0-9]{0,9}),([A-Za-z0-9,._+-]{1,31})")
 PROP_NAME = re.compile(r"[A-Za-z0-9,._+?#-]{1,31}")
 
 
@@ -313,6 +316,8 @@ def check_tree(root: Node) -> None:
         if len(node.children) > FDT_MAX_FANOUT or len(node.props) > FDT_MAX_FANOUT:
             raise einval(f"{path} has more than {FDT_MAX_FANOUT} children or properties")
         for name in node.children:
+            if path == "/" and SESSION_NODE.fullmatch(name):
+                continue
             check_node_name(name)
         for name, value in node.props.items():
             if not PROP_NAME.fullmatch(name):
