@@ -69,7 +69,12 @@ class LimitsConfig:
     tree_max_nodes: int = 4096
     tree_max_bytes: int = 1 << 20
     tree_total_nodes: int = 1 << 14
-    tree_total_bytes: int = 16 << 20
+    tree_total_bytes: int = 4 << 20
+    # One user's share (root excepted): bytes of the region (or a fraction of it,
+    # given as "50%"), sessions, and bytes of KHO trees.
+    uid_max_bytes: int | float = 0.5
+    uid_max_sessions: int = 64
+    uid_max_tree_bytes: int = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -107,7 +112,10 @@ SIZE_KEYS = {
     ("limits", "max_frame"),
     ("limits", "tree_max_bytes"),
     ("limits", "tree_total_bytes"),
+    ("limits", "uid_max_tree_bytes"),
 }
+PERCENT_KEYS = {("limits", "uid_max_bytes")}  # a size, or a share of the region: "50%"
+_PERCENT = re.compile(r"\s*(\d+(?:\.\d+)?)\s*%\s*")
 _SIZE = re.compile(r"\s*(0[xX][0-9a-fA-F]+|\d+)\s*([KMGTkmgt]?)(i?[Bb])?\s*")
 
 
@@ -128,6 +136,14 @@ def parse_size(value: object, where: str) -> int:
 
 
 def _coerce(section: str, key: str, default: Any, value: Any, where: str) -> Any:
+    if (section, key) in PERCENT_KEYS:
+        m = _PERCENT.fullmatch(value) if isinstance(value, str) else None
+        if m is None:
+            return parse_size(value, where)
+        share = float(m.group(1)) / 100
+        if not 0 < share <= 1:
+            raise ConfigError(f"{where}: a share of the region must be in (0%, 100%]")
+        return share
     if (section, key) in SIZE_KEYS:
         if section == "region" and key == "size" and value == "auto":
             return None
@@ -232,6 +248,7 @@ def validate(cfg: Config) -> None:
         "send_queue",
         "tree_max_nodes",
         "tree_total_nodes",
+        "uid_max_sessions",
     ):
         if getattr(lim, key) < 1:
             raise ConfigError(f"{src}: limits.{key} must be at least 1")

@@ -56,9 +56,9 @@ from khod.kho.tree import (
     split_path,
 )
 from khod.memfiles import MemoryFiles, runs_of
-from khod.pages import I64, PAGE_SHIFT, PAGE_SIZE, split_range
+from khod.pages import I64, PAGE_SHIFT, PAGE_SIZE, folio_bytes, split_range
 from khod.region import Region
-from khod.results import CommitSummary, NodeListing, ReleaseResult, SessionBytes
+from khod.results import CommitSummary, DropResult, NodeListing, ReleaseResult, SessionBytes
 from khod.session import IncomingState, Session
 
 
@@ -68,7 +68,11 @@ class EngineLimits:
     max_batch: int = 1 << 20
     tree: TreeLimits = field(default_factory=TreeLimits)  # one session's tree
     tree_total_nodes: int = 1 << 14  # all trees of one handover
-    tree_total_bytes: int = 16 << 20
+    tree_total_bytes: int = 4 << 20
+    # what one user (root excepted) may hold, so that others keep room
+    uid_max_bytes: int = 1 << 62
+    uid_max_sessions: int = 64
+    uid_max_tree_bytes: int = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -113,8 +117,9 @@ class Engine:
         self.committed: Committed | None = None
         lim = self.limits
         self.budget = TreeBudget(lim.tree_total_nodes, lim.tree_total_bytes)
+        self._uid_budgets: dict[int, TreeBudget] = {}
         for k, inc in self.incoming.items():  # carried forward until released
-            self.budget.charge(*_subtree_cost(k, inc.subtree), force=True)
+            self.tree_budget(k[0]).charge(*_subtree_cost(k, inc.subtree), force=True)
 
     # ================================================================= sessions
 
@@ -134,21 +139,18 @@ class Engine:
             s.persistent = s.persistent or persistent  # a reattach never downgrades
         else:
             inc = self.incoming.get(key)
-            nodes = len(self.sessions) + sum(1 for k in self.incoming if k not in self.sessions)
-            if inc is None and nodes >= self.limits.max_sessions:
-                raise enomem(
-                    f"{nodes} sessions exist, live or handed over (limits.max_sessions); "
-                    f"no room for {name!r}"
-                )
+            if inc is None:
+                self._room_for_session(uid, name)
             # its node is already in the handover when it was handed over: always room
-            self.budget.charge(1, session_node_bytes(key), force=inc is not None)
+            budget = self.tree_budget(uid)
+            budget.charge(1, session_node_bytes(key), force=inc is not None)
             if inc is None:
                 try:
                     self.memory.ensure(key)  # from now on, missing means lost
                 except BaseException:
-                    self.budget.release(1, session_node_bytes(key))
+                    budget.release(1, session_node_bytes(key))
                     raise
-            s = Session(name, uid, persistent, self.limits.tree, self.budget)
+            s = Session(name, uid, persistent, self.limits.tree, budget)
             if inc is not None:
                 inc.claimed = True
                 s.incoming = inc
@@ -176,8 +178,57 @@ class Engine:
             s.incoming.claimed = False
         else:
             self.memory.drop(s.key)
-        self.budget.release(s.tree.nodes, s.tree.size + session_node_bytes(s.key))
+        s.tree.budget.release(s.tree.nodes, s.tree.size + session_node_bytes(s.key))
         self.sessions.pop(s.key, None)
+
+    def _session_keys(self) -> set[SessionKey]:
+        """Every session node the next handover would hold: live and handed-over ones."""
+        return set(self.sessions) | set(self.incoming)
+
+    def _room_for_session(self, uid: int, name: str) -> None:
+        keys = self._session_keys()
+        if len(keys) >= self.limits.max_sessions:
+            raise enomem(
+                f"{len(keys)} sessions exist, live or handed over (limits.max_sessions); "
+                f"no room for {name!r}"
+            )
+        mine = sum(1 for k in keys if k[0] == uid)
+        if uid != 0 and mine >= self.limits.uid_max_sessions:
+            raise enomem(
+                f"uid {uid} has {mine} sessions, live or handed over "
+                f"(limits.uid_max_sessions); no room for {name!r}"
+            )
+
+    def tree_budget(self, uid: int) -> TreeBudget:
+        """One user's share of the handover's tree budget (root's is the whole)."""
+        if uid == 0:
+            return self.budget
+        b = self._uid_budgets.get(uid)
+        if b is None:
+            b = TreeBudget(
+                1 << 62,
+                self.limits.uid_max_tree_bytes,
+                parent=self.budget,
+                whose=f"uid {uid}'s sessions",
+                keys=("", "limits.uid_max_tree_bytes"),
+            )
+            self._uid_budgets[uid] = b
+        return b
+
+    def uid_bytes(self, uid: int) -> int:
+        """Bytes of the region held by the sessions of ``uid``."""
+        return sum(s.allocated_bytes for s in self.sessions.values() if s.uid == uid)
+
+    def _quota(self, s: Session, nbytes: int) -> None:
+        """Refuse an allocation that would take ``s``'s user past its share of the region."""
+        if s.uid == 0:
+            return
+        held, most = self.uid_bytes(s.uid), self.limits.uid_max_bytes
+        if held + nbytes > most:
+            raise enomem(
+                f"uid {s.uid} holds {held} bytes of the region; {nbytes} more would pass its "
+                f"share, {most} (limits.uid_max_bytes)"
+            )
 
     def sweep(self) -> list[Session]:
         """Discard non-persistent sessions left without a connection; returns them."""
@@ -248,11 +299,13 @@ class Engine:
     # ================================================================= memory
 
     def alloc_folio(self, s: Session, order: int) -> int:
+        self._quota(s, folio_bytes(order))
         pfn = self.allocator.alloc(order)
         s.add_alloc(pfn, order)
         return pfn << PAGE_SHIFT
 
     def alloc_folios(self, s: Session, order: int, count: int) -> list[int]:
+        self._quota(s, count * folio_bytes(order))
         got: list[int] = []
         try:
             for _ in range(count):
@@ -484,15 +537,32 @@ class Engine:
             self.memory.punch(k, runs)
             released += inc.unclaimed.total_bytes()
             inc.unclaimed = Tracker()
-            self.budget.release(*_subtree_cost(k, inc.subtree))
+            self.tree_budget(k[0]).release(*_subtree_cost(k, inc.subtree))
             if not inc.claimed:
                 del self.incoming[k]
                 self.memory.drop(k)
                 dropped.append(inc.name)
             else:
                 inc.subtree = Node()
-                self.budget.charge(*_subtree_cost(k, inc.subtree), force=True)
+                self.tree_budget(k[0]).charge(*_subtree_cost(k, inc.subtree), force=True)
         return ReleaseResult(released, tuple(dropped))
+
+    def drop_session(self, uid: int, name: str) -> DropResult:
+        """Discard session ``(uid, name)`` for good: its live part, what was handed over
+        to it, its tree and its memory. Returns what was given back; the caller closes
+        the session's connections (``connections_closed`` counts them)."""
+        key = (uid, name)
+        s, inc = self.sessions.get(key), self.incoming.get(key)
+        if s is None and inc is None:
+            raise enoent(f"no session {name!r} of uid {uid}, live or handed over")
+        freed = released = conns = 0
+        if s is not None:
+            freed, conns = s.allocated_bytes, len(s.connections)
+            s.connections.clear()
+            self.discard(s)
+        if inc is not None:
+            released = self.release_unclaimed(name, uid).released_bytes
+        return DropResult(name, uid, freed, released, conns)
 
     def _take_over(self) -> None:
         """Make the pending handover ours: the region says live, its metadata pages are free.

@@ -47,7 +47,7 @@ from khod.errors import KhoError, ebusy, eexist, enoent
 from khod.faults import FaultPoint
 from khod.kho.handover import Hook, no_hook
 from khod.log import Log
-from khod.results import FinalizeResult, ReleaseResult, UnfreezeResult
+from khod.results import DropResult, FinalizeResult, ReleaseResult, UnfreezeResult
 from khod.session import Session
 
 
@@ -68,6 +68,7 @@ class Step(StrEnum):
     UNFREEZE = "unfreeze"
     HANDOVER = "handover"
     RELEASE = "release"  # release-unclaimed: only while nothing is being handed over
+    DROP = "drop"  # drop-session: likewise
     STOP = "stop"
 
 
@@ -82,6 +83,7 @@ TRANSITIONS: Mapping[tuple[State, Step], State] = MappingProxyType(
         (S.FINALIZED, Step.UNFREEZE): S.ACTIVE,
         (S.FINALIZED, Step.HANDOVER): S.HANDED_OVER,
         (S.ACTIVE, Step.RELEASE): S.ACTIVE,
+        (S.ACTIVE, Step.DROP): S.ACTIVE,
         (S.ACTIVE, Step.STOP): S.STOPPED,
         (S.FINALIZING, Step.STOP): S.STOPPED,
         (S.FROZEN, Step.STOP): S.STOPPED,
@@ -102,6 +104,8 @@ def refusal(state: State, step: Step) -> KhoError:
         return ebusy("handover needs a finalized daemon; run finalize first")
     if step is Step.RELEASE:
         return ebusy(f"cannot release incoming memory while {state}")
+    if step is Step.DROP:
+        return ebusy(f"cannot drop a session while {state}: what it holds may be handed over")
     if step is Step.STOP and state is S.FINALIZED:
         return ebusy("finalized: hand over or unfreeze before stopping")
     return ebusy(f"cannot {step} while {state}")
@@ -363,6 +367,22 @@ class Lifecycle:
             session=name or "*",
             bytes=out.released_bytes,
             dropped=",".join(out.dropped_sessions) or None,
+        )
+        return out
+
+    def drop_session(self, uid: int, name: str) -> DropResult:
+        """An operator evicts a session (only while nothing is being handed over)."""
+        if self.busy:
+            raise ebusy("a finalize or unfreeze is in progress")
+        self._check(Step.DROP)
+        out = self.engine.drop_session(uid, name)
+        self.log.warning(
+            "session.dropped",
+            session=name,
+            uid=uid,
+            freed=out.freed_bytes,
+            released=out.released_bytes,
+            connections=out.connections_closed,
         )
         return out
 

@@ -92,6 +92,8 @@ def render_config(cfg: Config) -> str:
                 shown = f"{value:#x}"
             elif key == "socket_mode":
                 shown = f"0o{value:o}"
+            elif isinstance(value, float) and key == "uid_max_bytes":
+                shown = json.dumps(f"{value * 100:g}%")
             elif isinstance(value, int | float):
                 shown = str(value)
             else:
@@ -100,14 +102,18 @@ def render_config(cfg: Config) -> str:
     return "\n".join(lines) + "\n"
 
 
-def engine_limits(cfg: Config) -> EngineLimits:
+def engine_limits(cfg: Config, region_size: int) -> EngineLimits:
     lim = cfg.limits
+    share = lim.uid_max_bytes
     return EngineLimits(
         max_sessions=lim.max_sessions,
         max_batch=lim.max_batch,
         tree=TreeLimits(max_nodes=lim.tree_max_nodes, max_bytes=lim.tree_max_bytes),
         tree_total_nodes=lim.tree_total_nodes,
         tree_total_bytes=lim.tree_total_bytes,
+        uid_max_bytes=int(share * region_size) if isinstance(share, float) else share,
+        uid_max_sessions=lim.uid_max_sessions,
+        uid_max_tree_bytes=lim.uid_max_tree_bytes,
     )
 
 
@@ -279,7 +285,7 @@ def _run_on_region(region: Region, cfg: Config, args: argparse.Namespace, log: L
             scratch_size=cfg.region.scratch_size,
             pid=os.getpid(),
             reset=args.reset,
-            limits=engine_limits(cfg),
+            limits=engine_limits(cfg, region.size),
             hook=faults.point,
         )
     except StartupRefused as exc:

@@ -376,6 +376,17 @@ def _handover(ctx: Context, caller: Caller, a: Args, _: int) -> Any:
     return Outcome({"generation": generation}, after=lambda: ctx.request_stop("handover"))
 
 
+@op("drop_session", operator=True)
+def _drop_session(ctx: Context, caller: Caller, a: Args, _: int) -> Any:
+    name = a.string("session", MAX_NAME)
+    uid = a.opt_uid()
+    a.done()
+    uid = caller.peer.uid if uid is None else uid
+    out = ctx.lifecycle.drop_session(uid, name)
+    ctx.evict((uid, name))
+    return out
+
+
 @op("release_unclaimed", operator=True)
 def _release_unclaimed(ctx: Context, caller: Caller, a: Args, _: int) -> Any:
     name = a.opt_string("session", MAX_NAME)

@@ -70,6 +70,15 @@ class ReleaseResult:
 
 
 @dataclass(frozen=True)
+class DropResult:
+    name: str
+    uid: int
+    freed_bytes: int  # allocated or restored memory given back
+    released_bytes: int  # handed-over memory never restored, given back
+    connections_closed: int
+
+
+@dataclass(frozen=True)
 class NodeListing:
     props: tuple[str, ...]
     children: tuple[str, ...]

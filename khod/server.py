@@ -72,6 +72,7 @@ class Connection:
         self.send_queue = send_queue
         self._send, self._recv = trio.open_memory_channel[Frame](send_queue)
         self._closing = False
+        self._scope: trio.CancelScope | None = None
 
     @property
     def key(self) -> int:
@@ -83,12 +84,12 @@ class Connection:
             await self._send.send((encode(message), fds))
 
     def push(self, message: dict[str, Any]) -> bool:
-        """Queue an event without waiting; a full queue closes the connection."""
+        """Queue an event without waiting; a full queue cuts the connection off."""
         try:
             self._send.send_nowait((encode(message), ()))
         except trio.WouldBlock:
             self.log.warning("conn.slow_consumer", conn=label(self.caller), queued=self.send_queue)
-            self.close()
+            self.cut_off()
             return False
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             return False
@@ -102,17 +103,28 @@ class Connection:
         self._closing = True
         self._send.close()
 
+    def cut_off(self) -> None:
+        """Close now: nothing more is read or sent, the socket goes, resources are freed."""
+        self._closing = True
+        self._send.close()
+        if self._scope is not None:
+            self._scope.cancel()
+
     @property
     def closing(self) -> bool:
         return self._closing
 
     async def run(self) -> None:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._writer, nursery.cancel_scope)
-            try:
-                await self._reader()
-            finally:
-                self.close()
+        try:
+            async with trio.open_nursery() as nursery:
+                self._scope = nursery.cancel_scope
+                nursery.start_soon(self._writer, nursery.cancel_scope)
+                try:
+                    await self._reader()
+                finally:
+                    self.close()
+        finally:
+            await trio.aclose_forcefully(self.stream)
 
     async def _reader(self) -> None:
         decoder = Decoder(self.wire_limits)
@@ -248,6 +260,16 @@ class Server:
                 conn.push(event("progress", request=req_id, **shown))
 
         return report
+
+    def evict(self, key: tuple[int, str]) -> int:
+        gone = [
+            c for c in self.conns if c.caller.session is not None and c.caller.session.key == key
+        ]
+        for c in gone:
+            self.log.warning("conn.evicted", conn=label(c.caller), reason="its session was dropped")
+            c.caller.session = None
+            c.cut_off()
+        return len(gone)
 
     def request_stop(self, reason: str, status: int = 0) -> None:
         if not self.stopping.is_set():

@@ -49,15 +49,18 @@ class Session:
         self.connections: set[int] = set()
         self.incoming: IncomingState | None = None
         self._runs: tuple[I64, I64] | None = None
+        self._bytes = 0
 
     # ----------------------------------------------------------------- ownership
 
     def add_alloc(self, pfn: int, order: int) -> None:
         self.allocs[pfn] = order
+        self._bytes += folio_bytes(order)
         self._runs = None
 
     def drop_alloc(self, pfn: int) -> int:
         order = self.allocs.pop(pfn)
+        self._bytes -= folio_bytes(order)
         self._runs = None
         return order
 
@@ -105,7 +108,8 @@ class Session:
 
     @property
     def allocated_bytes(self) -> int:
-        return sum(folio_bytes(o) for o in self.allocs.values())
+        """Bytes of the region this session holds (allocated or restored)."""
+        return self._bytes
 
     @property
     def key(self) -> tuple[int, str]:

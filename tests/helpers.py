@@ -152,7 +152,10 @@ async def inproc_daemon(
     region = open_region(r.backend, r.path, base=r.base, size=r.size)
     try:
         engine, info = start_engine(
-            region, scratch_size=r.scratch_size, pid=os.getpid(), limits=engine_limits(cfg)
+            region,
+            scratch_size=r.scratch_size,
+            pid=os.getpid(),
+            limits=engine_limits(cfg, region.size),
         )
         buf = io.StringIO()
         log = Log("debug", stream=buf)

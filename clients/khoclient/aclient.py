@@ -395,3 +395,7 @@ class AsyncClient:
         self, session: str | None = None, uid: int | None = None
     ) -> dict[str, Any]:
         return await self.call(C.release_unclaimed(session, uid))
+
+    async def drop_session(self, session: str, uid: int | None = None) -> dict[str, Any]:
+        """Discard a session for good (operator; refused while finalized)."""
+        return await self.call(C.drop_session(session, uid))

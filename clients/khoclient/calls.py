@@ -243,3 +243,7 @@ def handover() -> Call[dict[str, Any]]:
 
 def release_unclaimed(session: str | None = None, uid: int | None = None) -> Call[dict[str, Any]]:
     return Call("release_unclaimed", {"session": session, "uid": uid})
+
+
+def drop_session(session: str, uid: int | None = None) -> Call[dict[str, Any]]:
+    return Call("drop_session", {"session": session, "uid": uid})

@@ -366,6 +366,10 @@ class Client:
     ) -> dict[str, Any]:
         return self.call(C.release_unclaimed(session, uid))
 
+    def drop_session(self, session: str, uid: int | None = None) -> dict[str, Any]:
+        """Discard a session for good (operator; refused while finalized)."""
+        return self.call(C.drop_session(session, uid))
+
 
 def _phys(phys: int | Folio) -> int:
     return phys.phys if isinstance(phys, Folio) else phys

@@ -265,13 +265,27 @@ cmd_handover = _simple(
 
 def cmd_release(args: argparse.Namespace, out: TextIO) -> int:
     with connect(args) as c:
-        r = c.release_unclaimed(args.session)
+        r = c.release_unclaimed(args.session, args.uid)
     if args.json:
         emit_json(r, out)
     else:
         dropped = ", ".join(r["dropped_sessions"]) or "none"
         out.write(
             f"released {human(r['released_bytes'])} of unclaimed incoming memory; dropped sessions: {dropped}\n"
+        )
+    return Exit.OK
+
+
+def cmd_drop(args: argparse.Namespace, out: TextIO) -> int:
+    with connect(args) as c:
+        r = c.drop_session(args.session, args.uid)
+    if args.json:
+        emit_json(r, out)
+    else:
+        out.write(
+            f"dropped session {r['name']} of uid {r['uid']}: {human(r['freed_bytes'])} of its "
+            f"memory and {human(r['released_bytes'])} handed over to it given back, "
+            f"{r['connections_closed']} connections closed\n"
         )
     return Exit.OK
 
@@ -390,6 +404,12 @@ def parser() -> argparse.ArgumentParser:
     sub.add_parser("handover", help="hand over (only when finalized); the daemon exits")
     p = sub.add_parser("release-unclaimed", help="free incoming memory nobody restored")
     p.add_argument("--session", help="only this incoming session")
+    p.add_argument("--uid", type=int, help="only the session of this uid")
+    p = sub.add_parser(
+        "drop-session", help="discard a session: its memory, its tree, what was handed to it"
+    )
+    p.add_argument("session", metavar="NAME")
+    p.add_argument("--uid", type=int, help="the session's owner (default: your own uid)")
     p = sub.add_parser("fdt", help="the raw KHO DTB, outgoing or incoming")
     p.add_argument("which", choices=("out", "in"))
     p.add_argument("-o", "--output", help="write to FILE (a terminal gets no binary)")
@@ -417,6 +437,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, TextIO], int]] = {
     "unfreeze": cmd_unfreeze,
     "handover": cmd_handover,
     "release-unclaimed": cmd_release,
+    "drop-session": cmd_drop,
     "fdt": cmd_fdt,
     "inspect": cmd_inspect,
 }

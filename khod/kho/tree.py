@@ -145,32 +145,53 @@ class TreeBudget:
     is refused when it is made, not at finalize.
     """
 
-    def __init__(self, max_nodes: int, max_bytes: int) -> None:
+    def __init__(
+        self,
+        max_nodes: int,
+        max_bytes: int,
+        *,
+        parent: TreeBudget | None = None,
+        whose: str = "all sessions",
+        keys: tuple[str, str] = ("limits.tree_total_nodes", "limits.tree_total_bytes"),
+    ) -> None:
         self.max_nodes = max_nodes
         self.max_bytes = max_bytes
+        self.parent = parent  # a share of a larger budget (one user's, of the handover's)
+        self.whose = whose
+        self.keys = keys
         self.nodes = 0
         self.bytes = 0
 
     def charge(self, nodes: int, nbytes: int, *, force: bool = False) -> None:
-        """Take ``nodes`` and ``nbytes`` or refuse ``ENOMEM``; ``force`` takes them anyway
-        (what a predecessor handed over must be carried, whatever this config says)."""
+        """Take ``nodes`` and ``nbytes`` here and in every parent, or refuse ``ENOMEM``;
+        ``force`` takes them anyway (what a predecessor handed over must be carried,
+        whatever this config says)."""
         if not force:
-            if self.nodes + nodes > self.max_nodes:
-                raise enomem(
-                    f"the KHO trees of all sessions would hold {self.nodes + nodes} nodes; "
-                    f"one handover carries at most {self.max_nodes} (limits.tree_total_nodes)"
-                )
-            if self.bytes + nbytes > self.max_bytes:
-                raise enomem(
-                    f"the KHO trees of all sessions would take {self.bytes + nbytes} bytes; "
-                    f"one handover carries at most {self.max_bytes} (limits.tree_total_bytes)"
-                )
+            self._check(nodes, nbytes)
         self.nodes += nodes
         self.bytes += nbytes
+        if self.parent is not None:
+            self.parent.charge(nodes, nbytes, force=True)  # checked below, before any change
+
+    def _check(self, nodes: int, nbytes: int) -> None:
+        if self.nodes + nodes > self.max_nodes:
+            raise enomem(
+                f"the KHO trees of {self.whose} would hold {self.nodes + nodes} nodes; "
+                f"one handover carries at most {self.max_nodes} ({self.keys[0]})"
+            )
+        if self.bytes + nbytes > self.max_bytes:
+            raise enomem(
+                f"the KHO trees of {self.whose} would take {self.bytes + nbytes} bytes; "
+                f"one handover carries at most {self.max_bytes} ({self.keys[1]})"
+            )
+        if self.parent is not None:
+            self.parent._check(nodes, nbytes)
 
     def release(self, nodes: int, nbytes: int) -> None:
         self.nodes -= nodes
         self.bytes -= nbytes
+        if self.parent is not None:
+            self.parent.release(nodes, nbytes)
 
 
 class Tree:
