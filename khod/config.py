@@ -65,6 +65,10 @@ class LimitsConfig:
     max_batch: int = 1 << 20
     max_sessions: int = MAX_SESSION_NODES
     max_connections_per_uid: int = 64
+    max_connections: int = 1024
+    max_buffered: int = 256 << 20
+    request_timeout_s: float = 10.0
+    send_timeout_s: float = 30.0
     send_queue: int = 256
     tree_max_nodes: int = 4096
     tree_max_bytes: int = 1 << 20
@@ -110,6 +114,7 @@ SIZE_KEYS = {
     ("region", "size"),
     ("region", "scratch_size"),
     ("limits", "max_frame"),
+    ("limits", "max_buffered"),
     ("limits", "tree_max_bytes"),
     ("limits", "tree_total_bytes"),
     ("limits", "uid_max_tree_bytes"),
@@ -245,6 +250,7 @@ def validate(cfg: Config) -> None:
         "max_batch",
         "max_sessions",
         "max_connections_per_uid",
+        "max_connections",
         "send_queue",
         "tree_max_nodes",
         "tree_total_nodes",
@@ -268,6 +274,11 @@ def validate(cfg: Config) -> None:
             f"{src}: limits.tree_total_bytes {lim.tree_total_bytes} is more than a KHO FDT "
             f"may hold ({MAX_FDT_BYTES - FDT_FIXED_BYTES} besides khod's own)"
         )
+    for key in ("request_timeout_s", "send_timeout_s"):
+        if not 0 < getattr(lim, key) <= 3600:
+            raise ConfigError(f"{src}: limits.{key} must be in (0, 3600]")
+    if lim.max_buffered < lim.max_frame:
+        raise ConfigError(f"{src}: limits.max_buffered must be at least limits.max_frame")
     if cfg.logging.level not in ("debug", "info", "warning", "error"):
         raise ConfigError(f"{src}: logging.level must be debug, info, warning or error")
     if cfg.logging.format not in ("logfmt", "json"):

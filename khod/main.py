@@ -10,8 +10,10 @@ handover is refused (the region is left untouched for ``khoctl inspect``),
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import resource
 import sys
 from dataclasses import dataclass
 
@@ -256,6 +258,23 @@ def run(argv: list[str] | None = None) -> int:
             region.close()
 
 
+def raise_nofile(cfg: Config, log: Log) -> None:
+    """Raise the open-file soft limit to the hard one: sessions' files and connections need them."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft < want:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+            soft = want
+    need = cfg.limits.max_connections + cfg.limits.max_sessions + 256
+    if soft < need:
+        log.warning(
+            "limits.nofile",
+            open_files=soft,
+            reason=f"fewer than the {need} that max_connections and max_sessions may need",
+        )
+
+
 def _prepare(region: Region, cfg: Config, log: Log) -> None:
     """Take the region for this daemon and make sure khod's own writes can land."""
     try:
@@ -279,6 +298,7 @@ def _prepare(region: Region, cfg: Config, log: Log) -> None:
 
 def _run_on_region(region: Region, cfg: Config, args: argparse.Namespace, log: Log) -> int:
     try:
+        raise_nofile(cfg, log)
         _prepare(region, cfg, log)
         plan = plan_start(
             region,

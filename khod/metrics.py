@@ -47,6 +47,8 @@ STATES = ("active", "finalizing", "frozen", "finalized")
 REGION_USES = ("free", "allocated", "preserved", "reserved_incoming", "scratch", "metadata")
 FINALIZE_RESULTS = ("ok", "vetoed", "timeout", "error")
 REJECTIONS_FILE = "handover-rejections.json"
+MAX_SCRAPERS = 16
+SCRAPE_TIMEOUT_S = 5.0
 
 
 def load_rejections(state_dir: str) -> dict[str, int]:
@@ -162,6 +164,7 @@ class Metrics:
         self.current_state = "active"
         self.listen = listen
         self.log = log or Log()
+        self._scrapers = 0
         self.bound: tuple[str, int] = ("", 0)  # where serve() listens (port 0 picks one)
         self.rejections = load_rejections(state_dir)
         self.registry = CollectorRegistry(auto_describe=True)
@@ -246,19 +249,29 @@ class Metrics:
         self.log.info("metrics.listen", address=f"{host}:{port}")
 
     async def _handle(self, stream: trio.SocketStream) -> None:
+        """One scrape: at most ``MAX_SCRAPERS`` at a time, each done in ``SCRAPE_TIMEOUT_S``.
+
+        The endpoint is open to every local user, so nobody may hold its
+        connections (and the daemon's descriptors) for long.
+        """
+        if self._scrapers >= MAX_SCRAPERS:
+            await trio.aclose_forcefully(stream)
+            return
+        self._scrapers += 1
         try:
-            await self._http(stream)
+            with trio.move_on_after(SCRAPE_TIMEOUT_S):
+                await self._http(stream)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             pass
         except Exception as exc:  # a scrape never takes the daemon down
             self.log.error("metrics.crashed", reason=repr(exc))
         finally:
-            with contextlib.suppress(Exception):
-                await stream.aclose()
+            self._scrapers -= 1
+            await trio.aclose_forcefully(stream)
 
     async def _http(self, stream: trio.SocketStream) -> None:
         head = b""
-        with trio.move_on_after(5):
+        with trio.move_on_after(SCRAPE_TIMEOUT_S):
             while b"\r\n\r\n" not in head and len(head) < 8192:
                 chunk = await stream.receive_some(4096)
                 if not chunk:

@@ -72,6 +72,11 @@ class Decoder:
         self._fed = 0  # bytes fed so far
         self._end = 0  # stream offset just after the last complete message
 
+    @property
+    def pending(self) -> int:
+        """Bytes fed that belong to no complete message yet."""
+        return self._fed - self._end
+
     def feed(self, data: bytes) -> list[Any]:
         too_big = FrameError(f"a frame exceeds the {self.max_frame}-byte limit")
         try:

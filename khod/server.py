@@ -23,6 +23,7 @@ import contextlib
 import functools
 import grp
 import itertools
+import math
 import os
 import pwd
 import signal
@@ -32,6 +33,7 @@ import struct
 import traceback
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +51,31 @@ from khod.protocol import Decoder, FrameError, Limits, encode, error_reply, even
 from khod.session import Peer
 
 Frame = tuple[bytes, tuple[int, ...]]
+OPERATOR_CONNECTIONS = 16  # beyond limits.max_connections, for root and operators
+
+
+@dataclass(frozen=True)
+class ConnLimits:
+    """How long and how much one connection may take (the ``[limits]`` section)."""
+
+    send_queue: int = 256  # frames queued for the peer
+    request_timeout_s: float = 10.0  # to complete a frame once begun, and the first one
+    send_timeout_s: float = 30.0  # for the peer to take one frame
+    wire: Limits = Limits()
+
+
+class Buffered:
+    """Bytes of unfinished frames held for all connections, against one cap."""
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self.total = 0
+
+    def take(self, n: int) -> bool:
+        if n > 0 and self.total + n > self.cap:
+            return False
+        self.total += n
+        return True
 
 
 class Connection:
@@ -59,20 +86,21 @@ class Connection:
         stream: trio.SocketStream,
         caller: Caller,
         *,
-        send_queue: int,
+        limits: ConnLimits,
+        buffered: Buffered,
         log: Log,
-        wire_limits: Limits,
         handle: Callable[[Caller, object], Awaitable[Response]],
     ) -> None:
         self.stream = stream
         self.caller = caller
         self.log = log
-        self.wire_limits = wire_limits
+        self.limits = limits
+        self.buffered = buffered
         self.handle = handle
-        self.send_queue = send_queue
-        self._send, self._recv = trio.open_memory_channel[Frame](send_queue)
+        self._send, self._recv = trio.open_memory_channel[Frame](limits.send_queue)
         self._closing = False
         self._scope: trio.CancelScope | None = None
+        self._held = 0  # bytes of an unfinished frame, counted in ``buffered``
 
     @property
     def key(self) -> int:
@@ -88,7 +116,9 @@ class Connection:
         try:
             self._send.send_nowait((encode(message), ()))
         except trio.WouldBlock:
-            self.log.warning("conn.slow_consumer", conn=label(self.caller), queued=self.send_queue)
+            self.log.warning(
+                "conn.slow_consumer", conn=label(self.caller), queued=self.limits.send_queue
+            )
             self.cut_off()
             return False
         except (trio.ClosedResourceError, trio.BrokenResourceError):
@@ -124,23 +154,45 @@ class Connection:
                 finally:
                     self.close()
         finally:
+            self.buffered.take(-self._held)
+            self._held = 0
             await trio.aclose_forcefully(self.stream)
 
-    async def _reader(self) -> None:
-        decoder = Decoder(self.wire_limits)
-        while True:
+    async def _receive(self, deadline: float) -> bytes | None:
+        """The next bytes from the peer; None when it is gone or too slow."""
+        with trio.move_on_at(deadline):
             try:
-                data = await self.stream.receive_some(1 << 16)
+                return await self.stream.receive_some(1 << 16)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
-                return
+                return None
+        self.log.warning(
+            "conn.timeout",
+            conn=label(self.caller),
+            reason=f"no complete request in {self.limits.request_timeout_s:g} s",
+        )
+        return None
+
+    async def _reader(self) -> None:
+        decoder = Decoder(self.limits.wire)
+        timeout = self.limits.request_timeout_s
+        deadline = trio.current_time() + timeout  # the first request must come
+        served = False
+        while True:
+            data = await self._receive(deadline if decoder.pending or not served else math.inf)
             if not data:
                 return
+            before = decoder.pending
             try:
                 messages = decoder.feed(data)
             except FrameError as exc:
                 self.log.warning("conn.bad_frame", conn=label(self.caller), reason=str(exc))
                 return
+            if not self._hold(decoder.pending):
+                return
+            if decoder.pending and (before == 0 or messages):
+                deadline = trio.current_time() + timeout  # a new frame began
             for msg in messages:
+                served = True
                 response = await self.handle(self.caller, msg)
                 await self.send(response.message, response.fds)
                 if response.after is not None:
@@ -148,24 +200,45 @@ class Connection:
                 if self.closing:
                     return
 
+    def _hold(self, pending: int) -> bool:
+        """Count this connection's unfinished frame against the daemon-wide cap."""
+        if not self.buffered.take(pending - self._held):
+            self.log.warning(
+                "conn.buffer_cap",
+                conn=label(self.caller),
+                reason=f"unfinished requests would hold more than {self.buffered.cap} bytes",
+            )
+            return False
+        self._held = pending
+        return True
+
     async def _writer(self, scope: trio.CancelScope) -> None:
         try:
             async with self._recv:
                 async for data, fds in self._recv:
-                    if fds:
-                        sent = await self.stream.socket.sendmsg(
-                            [data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
+                    with trio.move_on_after(self.limits.send_timeout_s) as slow:
+                        await self._write(data, fds)
+                    if slow.cancelled_caught:
+                        self.log.warning(
+                            "conn.slow_consumer",
+                            conn=label(self.caller),
+                            reason=f"a frame not taken in {self.limits.send_timeout_s:g} s",
                         )
-                        if sent < len(data):
-                            await self.stream.send_all(data[sent:])
-                    else:
-                        await self.stream.send_all(data)
+                        return
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             pass
         finally:
-            with contextlib.suppress(Exception):
-                await self.stream.aclose()
             scope.cancel()
+
+    async def _write(self, data: bytes, fds: tuple[int, ...]) -> None:
+        if fds:
+            sent = await self.stream.socket.sendmsg(
+                [data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
+            )
+            if sent < len(data):
+                await self.stream.send_all(data[sent:])
+        else:
+            await self.stream.send_all(data)
 
 
 class Connections:
@@ -236,9 +309,14 @@ class Server:
         self.finished = trio.Event()  # run() has drained every connection
         self.exit_reason = ""
         self.exit_status = 0
-        self.wire_limits = Limits(
-            max_frame=config.limits.max_frame, max_array=config.limits.max_batch
+        lim = config.limits
+        self.conn_limits = ConnLimits(
+            send_queue=lim.send_queue,
+            request_timeout_s=lim.request_timeout_s,
+            send_timeout_s=lim.send_timeout_s,
+            wire=Limits(max_frame=lim.max_frame, max_array=lim.max_batch),
         )
+        self.buffered = Buffered(lim.max_buffered)
         og, mg = config.server.operator_group, config.server.memory_group
         self.operator_gid: int | None = grp.getgrnam(og).gr_gid if og else None
         self.memory_gid: int | None = grp.getgrnam(mg).gr_gid if mg else None
@@ -336,19 +414,20 @@ class Server:
             self.log.warning("conn.no_credentials", reason=str(exc))
             await stream.aclose()
             return
-        if self.conns.of_uid(peer.uid) >= self.config.limits.max_connections_per_uid:
-            self.log.warning("conn.refused", uid=peer.uid, reason="too many connections")
-            err = KhoError(Errno.EBUSY, f"uid {peer.uid} has too many connections")
-            with contextlib.suppress(Exception):
+        refusal = self._refusal(peer)
+        if refusal:
+            self.log.warning("conn.refused", uid=peer.uid, reason=refusal)
+            err = KhoError(Errno.EBUSY, refusal)
+            with contextlib.suppress(Exception), trio.move_on_after(1):
                 await stream.send_all(encode(error_reply(None, err)))
-            await stream.aclose()
+            await trio.aclose_forcefully(stream)
             return
         conn = Connection(
             stream,
             Caller(next(self._keys), peer),
-            send_queue=self.config.limits.send_queue,
+            limits=self.conn_limits,
+            buffered=self.buffered,
             log=self.log,
-            wire_limits=self.wire_limits,
             handle=functools.partial(dispatch, self),
         )
         self.conns.add(conn)
@@ -364,6 +443,17 @@ class Server:
             )
         finally:
             self._closed(conn)
+
+    def _refusal(self, peer: Peer) -> str | None:
+        """Why a new connection from ``peer`` is turned away, if it is."""
+        lim = self.config.limits
+        if self.conns.of_uid(peer.uid) >= lim.max_connections_per_uid:
+            return f"uid {peer.uid} has too many connections (limits.max_connections_per_uid)"
+        # operators keep a way in when everyone else is out of connections
+        most = lim.max_connections + (OPERATOR_CONNECTIONS if peer.operator else 0)
+        if len(self.conns) >= most:
+            return f"the daemon serves {len(self.conns)} connections (limits.max_connections)"
+        return None
 
     def _closed(self, conn: Connection) -> None:
         self.conns.remove(conn)
