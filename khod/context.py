@@ -10,6 +10,7 @@ happen once it is queued.
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -67,6 +68,10 @@ class Context(Protocol):
         ...
 
     def request_stop(self, reason: str) -> None: ...
+
+    def serial(self, key: tuple[int, str]) -> AbstractAsyncContextManager[None]:
+        """Hold while a request of session ``key`` runs: one at a time per session."""
+        ...
 
     def evict(self, key: tuple[int, str]) -> int:
         """Close every connection that speaks for session ``key``; returns how many."""

@@ -56,7 +56,7 @@ from khod.kho.tree import (
     split_path,
 )
 from khod.memfiles import MemoryFiles, runs_of
-from khod.pages import I64, PAGE_SHIFT, PAGE_SIZE, folio_bytes, split_range
+from khod.pages import I64, PAGE_SHIFT, PAGE_SIZE, folio_bytes, split_range, split_ranges
 from khod.region import Region
 from khod.results import CommitSummary, DropResult, NodeListing, ReleaseResult, SessionBytes
 from khod.session import IncomingState, Session
@@ -340,12 +340,24 @@ class Engine:
     def free_folio(self, s: Session, phys: int) -> None:
         self._free_blocks(s, [self._freeable(s, phys)])
 
+    def freeable(self, s: Session, phys: list[int]) -> list[int]:
+        """The pfns of ``s``'s allocations at ``phys`` if all may be freed (nothing changes)."""
+        return [self._freeable(s, p) for p in phys]
+
+    def free_pfns(self, s: Session, pfns: list[int]) -> None:
+        """Free allocations :meth:`freeable` accepted."""
+        self._free_blocks(s, pfns)
+
     def free_folios(self, s: Session, phys: I64) -> int:
-        pfns = [self._freeable(s, int(p)) for p in phys.tolist()]
+        pfns = self.freeable(s, phys.tolist())
         if len(set(pfns)) != len(pfns):
             raise einval("free_folios: the same folio appears twice")
         self._free_blocks(s, pfns)
         return len(pfns)
+
+    def check_quota(self, s: Session, nbytes: int) -> None:
+        """Refuse now what an allocation of ``nbytes`` would refuse (for sliced requests)."""
+        self._quota(s, nbytes)
 
     # ================================================================= preservation
 
@@ -392,22 +404,52 @@ class Engine:
         ords = self._batch_orders(pfns, orders, s.tracker.find_order, _NOT_PRESERVED)
         return s.tracker.unpreserve_folios(pfns, ords)
 
-    def preserve_ranges(self, s: Session, ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
-        """Preserve page-aligned ranges, split per docs/format.md §5; all or nothing."""
-        self._editable("preservation")
-        folios = [f for phys, size in ranges for f in self._split(phys, size)]
-        for pfn, order in folios:
-            if not s.owns(pfn, 1 << order):
-                raise self._not_owned(s, pfn, order)
-        s.tracker.preserve_folios([p for p, _ in folios], [o for _, o in folios])
-        return [(p << PAGE_SHIFT, o) for p, o in folios]
+    def _range_folios(self, phys: I64, sizes: I64, ordered: bool = False) -> tuple[I64, I64, I64]:
+        """Page-aligned ranges in the region as folios (docs/format.md §5), vectorized.
 
-    def unpreserve_ranges(self, s: Session, ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        Every range is checked before any is split, and the split stops at
+        ``max_batch`` folios: a request cannot make the daemon build more.
+        """
+        if phys.size > self.limits.max_batch:
+            raise einval(f"{phys.size} ranges in one batch; at most {self.limits.max_batch}")
+        bad = np.flatnonzero((sizes <= 0) | (sizes % PAGE_SIZE != 0))
+        if bad.size:
+            raise einval(
+                f"size {int(sizes[bad[0]]):#x} is not a positive multiple of the page size"
+            )
+        bad = np.flatnonzero(
+            (phys % PAGE_SIZE != 0) | (phys < self.region.base) | (phys > self.region.end - sizes)
+        )
+        if bad.size:
+            i = int(bad[0])
+            raise einval(
+                f"range {int(phys[i]):#x}+{int(sizes[i]):#x} is misaligned or outside the region "
+                f"{self.region.base:#x}+{self.region.size:#x}"
+            )
+        pfns, npages = phys >> PAGE_SHIFT, sizes >> PAGE_SHIFT
+        return split_ranges(pfns, npages, self.limits.max_batch, ordered=ordered)
+
+    def preserve_ranges(self, s: Session, phys: I64, sizes: I64) -> tuple[I64, I64]:
+        """Preserve page-aligned ranges of ``s``'s memory; all or nothing. (pfns, orders)."""
+        self._editable("preservation")
+        pfns, npages = phys >> PAGE_SHIFT, sizes >> PAGE_SHIFT
+        owned = s.owned_mask(pfns, npages)  # ownership per range, before any splitting
+        if phys.size and not owned.all():
+            i = int(np.flatnonzero(~owned)[0])
+            raise eperm(
+                f"range {int(phys[i]):#x}+{int(sizes[i]):#x} is not memory session {s.name!r} "
+                "allocated or restored"
+            )
+        folios, orders, _ = self._range_folios(phys, sizes, ordered=phys.size == 1)
+        s.tracker.preserve_folios(folios, orders)
+        return folios, orders
+
+    def unpreserve_ranges(self, s: Session, phys: I64, sizes: I64) -> tuple[I64, I64]:
         """Unpreserve ranges preserved as such: each must name its folios exactly."""
         self._editable("preservation")
-        folios = [f for phys, size in ranges for f in self._split(phys, size)]
-        s.tracker.unpreserve_folios([p for p, _ in folios], [o for _, o in folios])
-        return [(p << PAGE_SHIFT, o) for p, o in folios]
+        folios, orders, _ = self._range_folios(phys, sizes, ordered=phys.size == 1)
+        s.tracker.unpreserve_folios(folios, orders)
+        return folios, orders
 
     # ================================================================= tree (outgoing)
 
@@ -475,24 +517,39 @@ class Engine:
         s.add_alloc(pfn, order)
         return order
 
-    def restore_folios(self, s: Session, phys: I64) -> list[int]:
-        """Restore many incoming folios; every one is checked before any is taken."""
-        if phys.size > self.limits.max_batch:
-            raise einval(f"{phys.size} folios in one batch; at most {self.limits.max_batch}")
+    def restorable(self, s: Session, pfns: list[int]) -> list[int]:
+        """The orders of incoming folios of ``s`` at ``pfns``, if all can be restored."""
         inc = self._incoming_of(s)
-        pfns = [self._pfn(int(p)) for p in phys.tolist()]
-        if len(set(pfns)) != len(pfns):
-            raise einval("restore_folios: the same folio appears twice")
         orders = []
         for pfn in pfns:
             order = inc.unclaimed.find_order(pfn)
             if order is None:
                 raise self._not_incoming(s, pfn)
             orders.append(order)
+        return orders
+
+    def claim(self, s: Session, pfns: list[int], orders: list[int]) -> None:
+        """Restore incoming folios :meth:`restorable` accepted."""
+        inc = self._incoming_of(s)
         for pfn, order in zip(pfns, orders, strict=True):
             self.allocator.claim(pfn, order)
             s.add_alloc(pfn, order)
         inc.unclaimed.unpreserve_folios(pfns, orders)
+
+    def restore_pfns(self, phys: I64) -> list[int]:
+        """A restore batch's pfns: within the batch limit, in the region, no repeats."""
+        if phys.size > self.limits.max_batch:
+            raise einval(f"{phys.size} folios in one batch; at most {self.limits.max_batch}")
+        pfns = [self._pfn(int(p)) for p in phys.tolist()]
+        if len(set(pfns)) != len(pfns):
+            raise einval("restore_folios: the same folio appears twice")
+        return pfns
+
+    def restore_folios(self, s: Session, phys: I64) -> list[int]:
+        """Restore many incoming folios; every one is checked before any is taken."""
+        pfns = self.restore_pfns(phys)
+        orders = self.restorable(s, pfns)
+        self.claim(s, pfns, orders)
         return orders
 
     def restore_phys(self, s: Session, phys: int, size: int) -> list[tuple[int, int]]:

@@ -12,15 +12,19 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
+
+import numpy as np
+import trio
 
 from khod import status
 from khod.args import Args
 from khod.context import Caller, Context, Outcome
 from khod.errors import einval, eperm
-from khod.pages import folio_bytes
+from khod.pages import I64, PAGE_SHIFT, folio_bytes
 from khod.session import Session
 
+T = TypeVar("T")
 Handler = Callable[[Context, Caller, Args, int], Any]
 SessionHandler = Callable[[Context, Session, Args], Any]
 EVENTS = frozenset({"finalize", "unfreeze"})
@@ -59,11 +63,21 @@ def op(name: str, *, session: bool = False, operator: bool = False) -> Callable[
 
 
 def session_op(name: str) -> Callable[[SessionHandler], SessionHandler]:
-    """Register a handler that acts for the caller's session and needs nothing else."""
+    """Register a handler that acts for the caller's session and needs nothing else.
+
+    A session's requests run one at a time, whichever of its connections
+    sent them, so a request cut into slices (:func:`_slices`) sees its
+    session unchanged from its first slice to its last.
+    """
 
     def register(fn: SessionHandler) -> SessionHandler:
-        def call(ctx: Context, caller: Caller, a: Args, req_id: int) -> Any:
-            return fn(ctx, _needs_session(caller, a), a)
+        async def call(ctx: Context, caller: Caller, a: Args, req_id: int) -> Any:
+            s = _needs_session(caller, a)
+            async with ctx.serial(s.key):
+                result = fn(ctx, s, a)
+                if isinstance(result, Awaitable):
+                    result = await result
+                return result
 
         OPS[name] = OpSpec(call, operator=False)
         return fn
@@ -71,8 +85,19 @@ def session_op(name: str) -> Callable[[SessionHandler], SessionHandler]:
     return register
 
 
-def _folios(folios: list[tuple[int, int]]) -> list[list[int]]:
-    return [[phys, order] for phys, order in folios]
+SLICE = 4096  # items of a long request between two turns of the event loop
+
+
+async def _slices(items: list[T], work: Callable[[list[T]], None]) -> None:
+    """Run ``work`` over ``items`` a slice at a time, letting everyone else in between.
+
+    The turns are shielded from cancellation: a request half done is finished
+    (or undone by its caller), never abandoned in the middle.
+    """
+    for at in range(0, len(items), SLICE):
+        work(items[at : at + SLICE])
+        if at + SLICE < len(items):
+            await trio.lowlevel.cancel_shielded_checkpoint()
 
 
 # --------------------------------------------------------------------------- sessions
@@ -157,11 +182,19 @@ def _alloc_folio(ctx: Context, s: Session, a: Args) -> Any:
 
 
 @session_op("alloc_folios")
-def _alloc_folios(ctx: Context, s: Session, a: Args) -> Any:
+async def _alloc_folios(ctx: Context, s: Session, a: Args) -> Any:
     order = a.order()
     count = a.count("count", ctx.max_batch)
     a.done()
-    return {"phys": ctx.engine.alloc_folios(s, order, count), "order": order}
+    e = ctx.engine
+    e.check_quota(s, count * folio_bytes(order))
+    got: list[int] = []
+    try:
+        await _slices(list(range(count)), lambda k: got.extend(e.alloc_folios(s, order, len(k))))
+    except BaseException:
+        e.free_pfns(s, [p >> PAGE_SHIFT for p in got])  # all or nothing
+        raise
+    return {"phys": got, "order": order}
 
 
 @session_op("free_folio")
@@ -173,10 +206,16 @@ def _free_folio(ctx: Context, s: Session, a: Args) -> Any:
 
 
 @session_op("free_folios")
-def _free_folios(ctx: Context, s: Session, a: Args) -> Any:
+async def _free_folios(ctx: Context, s: Session, a: Args) -> Any:
     phys = a.u64s("phys", ctx.max_batch)
     a.done()
-    return {"count": ctx.engine.free_folios(s, phys)}
+    e = ctx.engine
+    pfns: list[int] = []
+    await _slices(phys.tolist(), lambda chunk: pfns.extend(e.freeable(s, chunk)))
+    if len(set(pfns)) != len(pfns):
+        raise einval("free_folios: the same folio appears twice")
+    await _slices(pfns, lambda chunk: e.free_pfns(s, chunk))
+    return {"count": len(pfns)}
 
 
 # --------------------------------------------------------------------------- preservation
@@ -214,37 +253,47 @@ def _unpreserve_folios(ctx: Context, s: Session, a: Args) -> Any:
     return {"count": ctx.engine.unpreserve_folios(s, phys, orders)}
 
 
+def _folio_pairs(pfns: I64, orders: I64) -> list[list[int]]:
+    return [[p << PAGE_SHIFT, o] for p, o in zip(pfns.tolist(), orders.tolist(), strict=True)]
+
+
 @session_op("preserve_phys")
 def _preserve_phys(ctx: Context, s: Session, a: Args) -> Any:
     phys, size = a.u64("phys"), a.u64("size")
     a.done()
-    return {"folios": _folios(ctx.engine.preserve_ranges(s, [(phys, size)]))}
+    return {"folios": _folio_pairs(*ctx.engine.preserve_ranges(s, *_one(phys, size)))}
 
 
 @session_op("unpreserve_phys")
 def _unpreserve_phys(ctx: Context, s: Session, a: Args) -> Any:
     phys, size = a.u64("phys"), a.u64("size")
     a.done()
-    return {"folios": _folios(ctx.engine.unpreserve_ranges(s, [(phys, size)]))}
+    return {"folios": _folio_pairs(*ctx.engine.unpreserve_ranges(s, *_one(phys, size)))}
 
 
-def _ranges(ctx: Context, a: Args) -> list[tuple[int, int]]:
+def _one(phys: int, size: int) -> tuple[I64, I64]:
+    if size >= 1 << 63 or phys >= 1 << 63:
+        raise einval(f"range {phys:#x}+{size:#x} is outside any region")
+    return np.array([phys], dtype=np.int64), np.array([size], dtype=np.int64)
+
+
+def _ranges(ctx: Context, a: Args) -> tuple[I64, I64]:
     phys = a.u64s("phys", ctx.max_batch)
     sizes = a.u64s("sizes", ctx.max_batch)
     a.done()
     if phys.size != sizes.size:
         raise einval(f"{a.op}: {phys.size} addresses but {sizes.size} sizes")
-    return list(zip(phys.tolist(), sizes.tolist(), strict=True))
+    return phys, sizes
 
 
 @session_op("preserve_phys_ranges")
 def _preserve_ranges(ctx: Context, s: Session, a: Args) -> Any:
-    return {"folios": len(ctx.engine.preserve_ranges(s, _ranges(ctx, a)))}
+    return {"folios": int(ctx.engine.preserve_ranges(s, *_ranges(ctx, a))[0].size)}
 
 
 @session_op("unpreserve_phys_ranges")
 def _unpreserve_ranges(ctx: Context, s: Session, a: Args) -> Any:
-    return {"folios": len(ctx.engine.unpreserve_ranges(s, _ranges(ctx, a)))}
+    return {"folios": int(ctx.engine.unpreserve_ranges(s, *_ranges(ctx, a))[0].size)}
 
 
 # --------------------------------------------------------------------------- restore
@@ -265,10 +314,17 @@ def _restore_folio(ctx: Context, s: Session, a: Args) -> Any:
 
 
 @session_op("restore_folios")
-def _restore_folios(ctx: Context, s: Session, a: Args) -> Any:
+async def _restore_folios(ctx: Context, s: Session, a: Args) -> Any:
     phys = a.u64s("phys", ctx.max_batch)
     a.done()
-    orders = ctx.engine.restore_folios(s, phys)
+    e = ctx.engine
+    pfns = e.restore_pfns(phys)
+    orders: list[int] = []
+    await _slices(pfns, lambda chunk: orders.extend(e.restorable(s, chunk)))
+    await _slices(
+        list(range(len(pfns))),
+        lambda at: e.claim(s, pfns[at[0] : at[-1] + 1], orders[at[0] : at[-1] + 1]),
+    )
     _count_restored(ctx, sum(folio_bytes(o) for o in orders))
     return {"orders": orders}
 
@@ -279,7 +335,7 @@ def _restore_phys(ctx: Context, s: Session, a: Args) -> Any:
     a.done()
     folios = ctx.engine.restore_phys(s, phys, size)
     _count_restored(ctx, size)
-    return {"folios": _folios(folios)}
+    return {"folios": [[phys, order] for phys, order in folios]}
 
 
 # --------------------------------------------------------------------------- tree

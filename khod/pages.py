@@ -47,3 +47,41 @@ def split_range(pfn: int, npages: int) -> list[tuple[int, int]]:
         pfn += 1 << order
         npages -= 1 << order
     return out
+
+
+def split_ranges(
+    pfns: I64, npages: I64, limit: int, *, ordered: bool = False
+) -> tuple[I64, I64, I64]:
+    """:func:`split_range` over many ranges at once: (pfns, orders, range of each folio).
+
+    With ``ordered`` the folios come range by range, each range's ascending.
+    At most ``limit`` folios are made: more is ``EINVAL`` before they exist,
+    so a request cannot make the daemon build an unbounded list.
+    """
+    at, left = pfns.astype(np.int64), npages.astype(np.int64)
+    rng = np.arange(at.size, dtype=np.int64)
+    parts: list[tuple[I64, I64, I64]] = []
+    made = 0
+    while rng.size:
+        low = at & -at  # the lowest set bit: alignment (pfn 0 is aligned to anything)
+        align = np.where(at == 0, MAX_ORDER, np.frexp(low.astype(np.float64))[1] - 1)
+        fits = np.frexp(left.astype(np.float64))[1] - 1  # floor(log2(pages left))
+        order = np.minimum(np.minimum(align, fits), MAX_ORDER).astype(np.int64)
+        made += rng.size
+        if made > limit:
+            raise einval(f"the ranges split into more than {limit} folios (one batch)")
+        parts.append((at, order, rng))
+        step = np.int64(1) << order
+        at, left = at + step, left - step
+        more = left > 0
+        at, left, rng = at[more], left[more], rng[more]
+    if not parts:
+        empty = np.empty(0, dtype=np.int64)
+        return empty, empty, empty
+    p = np.concatenate([x[0] for x in parts])
+    o = np.concatenate([x[1] for x in parts])
+    r = np.concatenate([x[2] for x in parts])
+    if not ordered:
+        return p, o, r
+    keep = np.lexsort((p, r))
+    return p[keep], o[keep], r[keep]

@@ -31,7 +31,7 @@ from khod.errors import Errno, KhoError
 
 MAX_ID = (1 << 63) - 1
 DEFAULT_MAX_FRAME = 16 << 20
-DEFAULT_MAX_ARRAY = 1 << 20
+DEFAULT_MAX_ARRAY = 1 << 16  # longer lists of integers travel as packed u64 bytes (bin)
 DEFAULT_MAX_MAP = 64
 
 

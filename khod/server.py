@@ -32,8 +32,8 @@ import stat
 import struct
 import traceback
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +47,15 @@ from khod.engine import Engine
 from khod.errors import Errno, KhoError
 from khod.lifecycle import Lifecycle, Progress, Subscriber
 from khod.log import Log
-from khod.protocol import Decoder, FrameError, Limits, encode, error_reply, event
+from khod.protocol import (
+    DEFAULT_MAX_ARRAY,
+    Decoder,
+    FrameError,
+    Limits,
+    encode,
+    error_reply,
+    event,
+)
 from khod.session import Peer
 
 Frame = tuple[bytes, tuple[int, ...]]
@@ -61,7 +69,7 @@ class ConnLimits:
     send_queue: int = 256  # frames queued for the peer
     request_timeout_s: float = 10.0  # to complete a frame once begun, and the first one
     send_timeout_s: float = 30.0  # for the peer to take one frame
-    wire: Limits = Limits()
+    wire: Limits = field(default_factory=Limits)
 
 
 class Buffered:
@@ -303,6 +311,7 @@ class Server:
         self.metrics = metrics
         self.handle_signals = handle_signals
         self._keys = itertools.count(1)
+        self._session_locks: dict[tuple[int, str], tuple[trio.Lock, int]] = {}
         self._groups: dict[tuple[int, int], frozenset[int]] = {}
         self.stopping = trio.Event()
         self._idle = trio.Event()  # set when stopping and the last connection is gone
@@ -314,7 +323,9 @@ class Server:
             send_queue=lim.send_queue,
             request_timeout_s=lim.request_timeout_s,
             send_timeout_s=lim.send_timeout_s,
-            wire=Limits(max_frame=lim.max_frame, max_array=lim.max_batch),
+            # a list of a million integers costs the loop a tenth of a second to decode;
+            # packed u64 bytes cost nothing, so long batches must come packed
+            wire=Limits(max_frame=lim.max_frame, max_array=min(lim.max_batch, DEFAULT_MAX_ARRAY)),
         )
         self.buffered = Buffered(lim.max_buffered)
         og, mg = config.server.operator_group, config.server.memory_group
@@ -338,6 +349,21 @@ class Server:
                 conn.push(event("progress", request=req_id, **shown))
 
         return report
+
+    @contextlib.asynccontextmanager
+    async def serial(self, key: tuple[int, str]) -> AsyncIterator[None]:
+        """One request of session ``key`` at a time, across its connections."""
+        lock, users = self._session_locks.get(key, (trio.Lock(), 0))
+        self._session_locks[key] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._session_locks[key]
+            if users == 1:
+                del self._session_locks[key]
+            else:
+                self._session_locks[key] = (lock, users - 1)
 
     def evict(self, key: tuple[int, str]) -> int:
         gone = [

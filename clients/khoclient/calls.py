@@ -49,11 +49,16 @@ class Call(Generic[T]):
     decode: Callable[[Any], T] = field(default=lambda r: r)
 
 
+PACK_OVER = 1024  # longer lists go packed: khod refuses lists over 65536 entries
+
+
 def _as_u64s(values: Iterable[int] | np.ndarray[Any, Any]) -> bytes | list[int]:
     """Large integer lists travel as packed little-endian u64 bytes (no per-int decoding)."""
-    if isinstance(values, np.ndarray):
-        return np.ascontiguousarray(values, dtype="<u8").tobytes()
-    return list(values)
+    if not isinstance(values, np.ndarray):
+        values = list(values)
+        if len(values) <= PACK_OVER:
+            return values
+    return np.ascontiguousarray(values, dtype="<u8").tobytes()
 
 
 def _folio_list(r: Any) -> list[Folio]:
@@ -160,7 +165,7 @@ def unpreserve_phys(phys: int, size: int) -> Call[list[Folio]]:
 def preserve_phys_ranges(ranges: Sequence[tuple[int, int]]) -> Call[int]:
     return Call(
         "preserve_phys_ranges",
-        {"phys": [p for p, _ in ranges], "sizes": [s for _, s in ranges]},
+        {"phys": _as_u64s(p for p, _ in ranges), "sizes": _as_u64s(s for _, s in ranges)},
         lambda r: int(r["folios"]),
     )
 
@@ -168,7 +173,7 @@ def preserve_phys_ranges(ranges: Sequence[tuple[int, int]]) -> Call[int]:
 def unpreserve_phys_ranges(ranges: Sequence[tuple[int, int]]) -> Call[int]:
     return Call(
         "unpreserve_phys_ranges",
-        {"phys": [p for p, _ in ranges], "sizes": [s for _, s in ranges]},
+        {"phys": _as_u64s(p for p, _ in ranges), "sizes": _as_u64s(s for _, s in ranges)},
         lambda r: int(r["folios"]),
     )
 
