@@ -153,6 +153,11 @@ class Allocator:
         s, n = self.scratch_range
         return n > 0 and pfn < s + n and s < pfn + npages
 
+    @property
+    def free_pages(self) -> int:
+        """Free pages of the main pool (what clients and metadata are allocated from)."""
+        return self._main.free_pages
+
     def usage(self) -> Usage:
         page = 1 << PAGE_SHIFT
         return Usage(
@@ -180,14 +185,24 @@ class Allocator:
 
     # ----------------------------------------------------------------- allocate / free
 
-    def alloc(self, order: int) -> int:
-        """Allocate a naturally aligned block of ``2**order`` pages; returns its pfn."""
+    def alloc(self, order: int, *, keep: int = 0) -> int:
+        """Allocate a naturally aligned block of ``2**order`` pages; returns its pfn.
+
+        ``keep``: pages that must stay free afterwards (the reserve a client's
+        allocation may not eat into).
+        """
         check_order(order)
         pool = self._scratch if self.scratch_only else self._main
         head = pool.take(order)
         if head is None:
             where = "scratch" if self.scratch_only else "the region"
             raise enomem(f"no free order-{order} block in {where}")
+        if keep and pool.free_pages < keep:
+            pool.give(head, order)
+            raise enomem(
+                f"an order-{order} block would leave fewer than the {keep} free pages kept "
+                "for the handover's metadata (a reserve no session may use)"
+            )
         self.allocated[head] = order
         if pool is self._main:
             self._allocated_main += 1 << order

@@ -24,7 +24,7 @@ leaves that handover on the region for the next start to take in whole.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -34,6 +34,7 @@ from khod.config import MAX_SESSION_NODES
 from khod.errors import Errno, KhoError, ebusy, einval, enoent, enomem, eperm
 from khod.faults import FaultPoint
 from khod.kho.handover import (
+    FDT_FIXED_BYTES,
     ROOT_NAMES,
     Committed,
     Hook,
@@ -118,8 +119,14 @@ class Engine:
         lim = self.limits
         self.budget = TreeBudget(lim.tree_total_nodes, lim.tree_total_bytes)
         self._uid_budgets: dict[int, TreeBudget] = {}
+        # bitmaps of every tracker the next handover writes: what its chunk lists will take
+        self._bitmaps: dict[tuple[str, SessionKey], int] = {}
+        self._bitmaps_total = 0
+        fdt_pages = -(-(lim.tree_total_bytes + FDT_FIXED_BYTES) // PAGE_SIZE)
+        self._fdt_pages = 1 << max(0, (fdt_pages - 1).bit_length())  # one block of 2^k pages
         for k, inc in self.incoming.items():  # carried forward until released
             self.tree_budget(k[0]).charge(*_subtree_cost(k, inc.subtree), force=True)
+            self._count(("in", k), inc.unclaimed)
 
     # ================================================================= sessions
 
@@ -173,6 +180,7 @@ class Engine:
         that name next or for the next handover.
         """
         s.tracker = Tracker()
+        self._count(("out", s.key), s.tracker)
         self._free_blocks(s, list(s.allocs))
         if s.incoming is not None:
             s.incoming.claimed = False
@@ -229,6 +237,44 @@ class Engine:
                 f"uid {s.uid} holds {held} bytes of the region; {nbytes} more would pass its "
                 f"share, {most} (limits.uid_max_bytes)"
             )
+
+    # ================================================================= the metadata reserve
+
+    def _count(self, which: tuple[str, SessionKey], tracker: Tracker) -> None:
+        """Keep the count of bitmaps the next handover writes for one tracker."""
+        n = tracker.bitmap_count()
+        self._bitmaps_total += n - self._bitmaps.get(which, 0)
+        self._bitmaps[which] = n
+
+    def metadata_need(self) -> int:
+        """Pages the next finalize may need for its metadata: no client may take them.
+
+        An upper bound: the root list and the sessions' lists describe every
+        bitmap twice, eight bitmaps to a page and 255 to a chunk page, plus a
+        chunk page per order in use of every list, and the largest FDT the
+        tree budget allows (docs/design.md §3).
+        """
+        b = self._bitmaps_total
+        lists = len(self._session_keys()) + 1
+        return -(-2 * b // 8) + -(-2 * b // 255) + 20 * lists + self._fdt_pages
+
+    def _room_for_metadata(self) -> None:
+        need, free = self.metadata_need(), self.allocator.free_pages
+        if free < need:
+            raise enomem(
+                f"preserving this would leave {free} free pages where the handover's metadata "
+                f"may need {need} (a reserve no session may use)"
+            )
+
+    def _preserved(self, s: Session, undo: Callable[[], object]) -> None:
+        """After ``s`` preserved more: recount, and undo it if the reserve is short."""
+        self._count(("out", s.key), s.tracker)
+        try:
+            self._room_for_metadata()
+        except KhoError:
+            undo()
+            self._count(("out", s.key), s.tracker)
+            raise
 
     def sweep(self) -> list[Session]:
         """Discard non-persistent sessions left without a connection; returns them."""
@@ -300,21 +346,21 @@ class Engine:
 
     def alloc_folio(self, s: Session, order: int) -> int:
         self._quota(s, folio_bytes(order))
-        pfn = self.allocator.alloc(order)
+        pfn = self.allocator.alloc(order, keep=self.metadata_need())
         s.add_alloc(pfn, order)
         return pfn << PAGE_SHIFT
 
     def alloc_folios(self, s: Session, order: int, count: int) -> list[int]:
         self._quota(s, count * folio_bytes(order))
         got: list[int] = []
+        keep = self.metadata_need()
         try:
             for _ in range(count):
-                got.append(self.allocator.alloc(order))  # noqa: PERF401 -- partial list is the rollback
+                got.append(self.allocator.alloc(order, keep=keep))  # noqa: PERF401 -- partial list is the rollback
         except BaseException:
             self.allocator.free_many(got)
             raise
-        for pfn in got:
-            s.add_alloc(pfn, order)
+        s.add_allocs(got, [order] * len(got))
         return [p << PAGE_SHIFT for p in got]
 
     def _freeable(self, s: Session, phys: int) -> int:
@@ -340,13 +386,13 @@ class Engine:
     def free_folio(self, s: Session, phys: int) -> None:
         self._free_blocks(s, [self._freeable(s, phys)])
 
-    def freeable(self, s: Session, phys: list[int]) -> list[int]:
+    def freeable(self, s: Session, phys: Sequence[int]) -> list[int]:
         """The pfns of ``s``'s allocations at ``phys`` if all may be freed (nothing changes)."""
         return [self._freeable(s, p) for p in phys]
 
-    def free_pfns(self, s: Session, pfns: list[int]) -> None:
+    def free_pfns(self, s: Session, pfns: Sequence[int]) -> None:
         """Free allocations :meth:`freeable` accepted."""
-        self._free_blocks(s, pfns)
+        self._free_blocks(s, list(pfns))
 
     def free_folios(self, s: Session, phys: I64) -> int:
         pfns = self.freeable(s, phys.tolist())
@@ -374,6 +420,7 @@ class Engine:
         if not s.owns(pfn, 1 << order):
             raise self._not_owned(s, pfn, order)
         s.tracker.preserve_folio(pfn, order)
+        self._preserved(s, lambda: s.tracker.unpreserve_folio(pfn, order))
         return order
 
     def unpreserve_folio(self, s: Session, phys: int, order: int | None = None) -> int:
@@ -384,6 +431,7 @@ class Engine:
             if order is None:
                 raise enoent(f"no folio of session {s.name!r} is preserved at {phys:#x}")
         s.tracker.unpreserve_folio(pfn, order)
+        self._count(("out", s.key), s.tracker)
         return order
 
     def preserve_folios(self, s: Session, phys: I64, orders: int | I64 | None) -> int:
@@ -396,15 +444,21 @@ class Engine:
             i = int(np.flatnonzero(~owned)[0])
             o = int(ords[i]) if isinstance(ords, np.ndarray) else ords
             raise self._not_owned(s, int(pfns[i]), o)
-        return s.tracker.preserve_folios(pfns, ords)
+        n = s.tracker.preserve_folios(pfns, ords)
+        self._preserved(s, lambda: s.tracker.unpreserve_folios(pfns, ords))
+        return n
 
     def unpreserve_folios(self, s: Session, phys: I64, orders: int | I64 | None) -> int:
         self._editable("preservation")
         pfns = self._batch_pfns(phys)
         ords = self._batch_orders(pfns, orders, s.tracker.find_order, _NOT_PRESERVED)
-        return s.tracker.unpreserve_folios(pfns, ords)
+        n = s.tracker.unpreserve_folios(pfns, ords)
+        self._count(("out", s.key), s.tracker)
+        return n
 
-    def _range_folios(self, phys: I64, sizes: I64, ordered: bool = False) -> tuple[I64, I64, I64]:
+    def _range_folios(
+        self, phys: I64, sizes: I64, ordered: bool = False, limit: int | None = None
+    ) -> tuple[I64, I64, I64]:
         """Page-aligned ranges in the region as folios (docs/format.md §5), vectorized.
 
         Every range is checked before any is split, and the split stops at
@@ -427,9 +481,12 @@ class Engine:
                 f"{self.region.base:#x}+{self.region.size:#x}"
             )
         pfns, npages = phys >> PAGE_SHIFT, sizes >> PAGE_SHIFT
-        return split_ranges(pfns, npages, self.limits.max_batch, ordered=ordered)
+        most = self.limits.max_batch if limit is None else limit
+        return split_ranges(pfns, npages, most, ordered=ordered)
 
-    def preserve_ranges(self, s: Session, phys: I64, sizes: I64) -> tuple[I64, I64]:
+    def preserve_ranges(
+        self, s: Session, phys: I64, sizes: I64, limit: int | None = None
+    ) -> tuple[I64, I64]:
         """Preserve page-aligned ranges of ``s``'s memory; all or nothing. (pfns, orders)."""
         self._editable("preservation")
         pfns, npages = phys >> PAGE_SHIFT, sizes >> PAGE_SHIFT
@@ -440,15 +497,19 @@ class Engine:
                 f"range {int(phys[i]):#x}+{int(sizes[i]):#x} is not memory session {s.name!r} "
                 "allocated or restored"
             )
-        folios, orders, _ = self._range_folios(phys, sizes, ordered=phys.size == 1)
+        folios, orders, _ = self._range_folios(phys, sizes, phys.size == 1, limit)
         s.tracker.preserve_folios(folios, orders)
+        self._preserved(s, lambda: s.tracker.unpreserve_folios(folios, orders))
         return folios, orders
 
-    def unpreserve_ranges(self, s: Session, phys: I64, sizes: I64) -> tuple[I64, I64]:
+    def unpreserve_ranges(
+        self, s: Session, phys: I64, sizes: I64, limit: int | None = None
+    ) -> tuple[I64, I64]:
         """Unpreserve ranges preserved as such: each must name its folios exactly."""
         self._editable("preservation")
-        folios, orders, _ = self._range_folios(phys, sizes, ordered=phys.size == 1)
+        folios, orders, _ = self._range_folios(phys, sizes, phys.size == 1, limit)
         s.tracker.unpreserve_folios(folios, orders)
+        self._count(("out", s.key), s.tracker)
         return folios, orders
 
     # ================================================================= tree (outgoing)
@@ -514,10 +575,11 @@ class Engine:
             raise self._not_incoming(s, pfn)
         self.allocator.claim(pfn, order)
         inc.unclaimed.unpreserve_folio(pfn, order)
+        self._count(("in", s.key), inc.unclaimed)
         s.add_alloc(pfn, order)
         return order
 
-    def restorable(self, s: Session, pfns: list[int]) -> list[int]:
+    def restorable(self, s: Session, pfns: Sequence[int]) -> list[int]:
         """The orders of incoming folios of ``s`` at ``pfns``, if all can be restored."""
         inc = self._incoming_of(s)
         orders = []
@@ -533,21 +595,22 @@ class Engine:
         inc = self._incoming_of(s)
         for pfn, order in zip(pfns, orders, strict=True):
             self.allocator.claim(pfn, order)
-            s.add_alloc(pfn, order)
+        s.add_allocs(pfns, orders)
         inc.unclaimed.unpreserve_folios(pfns, orders)
+        self._count(("in", s.key), inc.unclaimed)
 
-    def restore_pfns(self, phys: I64) -> list[int]:
-        """A restore batch's pfns: within the batch limit, in the region, no repeats."""
-        if phys.size > self.limits.max_batch:
-            raise einval(f"{phys.size} folios in one batch; at most {self.limits.max_batch}")
-        pfns = [self._pfn(int(p)) for p in phys.tolist()]
-        if len(set(pfns)) != len(pfns):
-            raise einval("restore_folios: the same folio appears twice")
+    def restore_pfns(self, phys: I64) -> I64:
+        """A restore batch's pfns: within the batch limit, page-aligned, in the region."""
+        pfns = self._batch_pfns(phys)
+        if pfns.size and int(pfns.max()) >= self.region.end >> PAGE_SHIFT:
+            raise einval(f"phys {int(phys.max()):#x} is outside the region")
         return pfns
 
     def restore_folios(self, s: Session, phys: I64) -> list[int]:
         """Restore many incoming folios; every one is checked before any is taken."""
-        pfns = self.restore_pfns(phys)
+        pfns = self.restore_pfns(phys).tolist()
+        if len(set(pfns)) != len(pfns):
+            raise einval("restore_folios: the same folio appears twice")
         orders = self.restorable(s, pfns)
         self.claim(s, pfns, orders)
         return orders
@@ -566,6 +629,7 @@ class Engine:
             self.allocator.claim(pfn, order)
             inc.unclaimed.unpreserve_folio(pfn, order)
             s.add_alloc(pfn, order)
+        self._count(("in", s.key), inc.unclaimed)
         return [(p << PAGE_SHIFT, o) for p, o in folios]
 
     def release_unclaimed(self, name: str | None = None, uid: int | None = None) -> ReleaseResult:
@@ -594,6 +658,7 @@ class Engine:
             self.memory.punch(k, runs)
             released += inc.unclaimed.total_bytes()
             inc.unclaimed = Tracker()
+            self._count(("in", k), inc.unclaimed)
             self.tree_budget(k[0]).release(*_subtree_cost(k, inc.subtree))
             if not inc.claimed:
                 del self.incoming[k]
@@ -643,11 +708,10 @@ class Engine:
         p = self.pending
         if p is not None and any(p.folios.intersects(pfn, 1 << s.allocs[pfn]) for pfn in pfns):
             self._take_over()
-        blocks = [(pfn, s.allocs[pfn]) for pfn in pfns]
         for pfn in pfns:
             self.allocator.free(pfn)
-            s.drop_alloc(pfn)
-        self.memory.punch(s.key, runs_of(blocks))
+        orders = s.drop_allocs(pfns)
+        self.memory.punch(s.key, runs_of(list(zip(pfns, orders, strict=True))))
 
     # ================================================================= the lifecycle's levers
 

@@ -31,10 +31,11 @@ interface, so this module is tested with fake subscribers, without sockets.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from types import MappingProxyType
@@ -188,10 +189,40 @@ class Lifecycle:
         self.state = State.ACTIVE
         self.last_finalize: FinalizeResult | None = None
         self._busy = trio.Lock()
+        self._editors = 0  # preservation requests running in steps (see editing())
+        self._drained = trio.Event()
+        self._drained.set()
+        self._freezing = False
         self._tokens = itertools.count(1)
         self._rounds: dict[int, trio.MemorySendChannel[tuple[int, str, str]]] = {}
         if metrics is not None:
             metrics.state(self.state)
+
+    @contextlib.asynccontextmanager
+    async def editing(self) -> AsyncIterator[None]:
+        """Hold while a preservation request runs in steps, so the freeze waits for it.
+
+        Requests made of one step never wait and need not hold this: no freeze
+        can land inside them. One made of several steps must not see the
+        freeze land between two of them; once the freeze is wanted, new ones
+        are refused at once, as edits are after it.
+        """
+        if self._freezing:
+            raise ebusy("preservation is frozen for finalize; try again after unfreeze")
+        self._editors += 1
+        if self._editors == 1:
+            self._drained = trio.Event()
+        try:
+            yield
+        finally:
+            self._editors -= 1
+            if self._editors == 0:
+                self._drained.set()
+
+    async def _drain(self) -> None:
+        """Refuse new stepped edits and wait for those running to finish."""
+        self._freezing = True
+        await self._drained.wait()
 
     @property
     def busy(self) -> bool:
@@ -245,12 +276,14 @@ class Lifecycle:
                 )
             self.hook(FaultPoint.FINALIZE_NOTIFIED)
             progress(phase="finalize", status="freezing")
+            await self._drain()
             self._fire(Step.FREEZE)
             self.engine.freeze()
             summary = self.engine.commit()
             self._fire(Step.COMMIT)
             outcome = "ok"
         except BaseException as exc:
+            self._freezing = False
             if self.state in (State.FINALIZING, State.FROZEN):
                 # a failed commit, or the finalize was cancelled (its requester went away,
                 # the daemon stops): never leave the daemon holding or frozen
@@ -263,6 +296,7 @@ class Lifecycle:
             raise
         finally:
             self._count_finalize(outcome, t0)
+        self._freezing = False  # the engine refuses edits itself from here on
         done = FinalizeResult.of(
             summary, round((time.perf_counter() - t0) * 1e3, 3), result.answered
         )

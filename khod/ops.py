@@ -10,11 +10,13 @@ the result (an engine result is serialized by :mod:`khod.dispatch`).
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+import time
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import numpy as np
+import numpy.typing as npt
 import trio
 
 from khod import status
@@ -22,9 +24,11 @@ from khod.args import Args
 from khod.context import Caller, Context, Outcome
 from khod.errors import einval, eperm
 from khod.pages import I64, PAGE_SHIFT, folio_bytes
+from khod.protocol import DEFAULT_MAX_ARRAY as LIST_MAX
 from khod.session import Session
 
 T = TypeVar("T")
+U = TypeVar("U")
 Handler = Callable[[Context, Caller, Args, int], Any]
 SessionHandler = Callable[[Context, Session, Args], Any]
 EVENTS = frozenset({"finalize", "unfreeze"})
@@ -85,19 +89,46 @@ def session_op(name: str) -> Callable[[SessionHandler], SessionHandler]:
     return register
 
 
-SLICE = 4096  # items of a long request between two turns of the event loop
+TURN_S = 0.005  # how long a long request runs before it lets everyone else in
+STEP = 256  # items between two looks at the clock
+BATCH = 1 << 16  # folios or ranges per step of a long preservation request
 
 
-async def _slices(items: list[T], work: Callable[[list[T]], None]) -> None:
-    """Run ``work`` over ``items`` a slice at a time, letting everyone else in between.
+async def _slices(items: Sequence[T], work: Callable[[Sequence[T]], object]) -> None:
+    """Run ``work`` over ``items`` a few at a time, letting everyone else in every few ms.
 
     The turns are shielded from cancellation: a request half done is finished
     (or undone by its caller), never abandoned in the middle.
     """
-    for at in range(0, len(items), SLICE):
-        work(items[at : at + SLICE])
-        if at + SLICE < len(items):
+    turn = time.perf_counter()
+    for at in range(0, len(items), STEP):
+        work(items[at : at + STEP])
+        if at + STEP < len(items) and time.perf_counter() - turn > TURN_S:
             await trio.lowlevel.cancel_shielded_checkpoint()
+            turn = time.perf_counter()
+
+
+async def _in_steps(
+    ctx: Context, n: int, step: Callable[[slice], U], undo: Callable[[U], object]
+) -> list[U]:
+    """A preservation request over ``n`` items in steps of ``BATCH``, all or nothing.
+
+    Between steps everyone else runs; the freeze waits for the last step
+    (:meth:`Lifecycle.editing`). A failing step undoes the ones before it.
+    """
+    if n <= BATCH:
+        return [step(slice(0, n))]
+    done: list[U] = []
+    async with ctx.lifecycle.editing():
+        try:
+            for at in range(0, n, BATCH):
+                done.append(step(slice(at, min(n, at + BATCH))))
+                await trio.lowlevel.cancel_shielded_checkpoint()
+        except BaseException:
+            for d in reversed(done):
+                undo(d)
+            raise
+    return done
 
 
 # --------------------------------------------------------------------------- sessions
@@ -181,20 +212,36 @@ def _alloc_folio(ctx: Context, s: Session, a: Args) -> Any:
     return {"phys": ctx.engine.alloc_folio(s, order), "order": order}
 
 
+def _packed(a: Args, n: int) -> bool:
+    """Whether a reply's long array travels packed (bin); unpacked ones stay short."""
+    packed = a.flag("packed")
+    if n > LIST_MAX and not packed:
+        raise einval(
+            f"{a.op}: a reply of {n} entries must be packed (packed: true): lists of more "
+            f"than {LIST_MAX} take the daemon too long to encode"
+        )
+    return packed
+
+
 @session_op("alloc_folios")
 async def _alloc_folios(ctx: Context, s: Session, a: Args) -> Any:
     order = a.order()
     count = a.count("count", ctx.max_batch)
+    packed = _packed(a, count)
     a.done()
     e = ctx.engine
     e.check_quota(s, count * folio_bytes(order))
-    got: list[int] = []
+    got: list[npt.NDArray[np.uint64]] = []
     try:
-        await _slices(list(range(count)), lambda k: got.extend(e.alloc_folios(s, order, len(k))))
+        await _slices(
+            range(count),
+            lambda k: got.append(np.array(e.alloc_folios(s, order, len(k)), dtype="<u8")),
+        )
     except BaseException:
-        e.free_pfns(s, [p >> PAGE_SHIFT for p in got])  # all or nothing
+        e.free_pfns(s, [int(p) >> PAGE_SHIFT for g in got for p in g])  # all or nothing
         raise
-    return {"phys": got, "order": order}
+    phys = np.concatenate(got) if got else np.empty(0, dtype="<u8")
+    return {"phys": phys.tobytes() if packed else phys.tolist(), "order": order}
 
 
 @session_op("free_folio")
@@ -237,20 +284,41 @@ def _unpreserve_folio(ctx: Context, s: Session, a: Args) -> Any:
     return {"order": ctx.engine.unpreserve_folio(s, phys, order)}
 
 
+def _orders_of(orders: int | I64 | None, at: slice) -> int | I64 | None:
+    return orders[at] if isinstance(orders, np.ndarray) else orders
+
+
 @session_op("preserve_folios")
-def _preserve_folios(ctx: Context, s: Session, a: Args) -> Any:
+async def _preserve_folios(ctx: Context, s: Session, a: Args) -> Any:
     phys = a.u64s("phys", ctx.max_batch)
     orders = a.orders("orders", int(phys.size))
     a.done()
-    return {"count": ctx.engine.preserve_folios(s, phys, orders)}
+    e = ctx.engine
+    steps = await _in_steps(
+        ctx,
+        int(phys.size),
+        lambda at: (at, e.preserve_folios(s, phys[at], _orders_of(orders, at))),
+        lambda done: e.unpreserve_folios(s, phys[done[0]], _orders_of(orders, done[0])),
+    )
+    return {"count": sum(n for _, n in steps)}
 
 
 @session_op("unpreserve_folios")
-def _unpreserve_folios(ctx: Context, s: Session, a: Args) -> Any:
+async def _unpreserve_folios(ctx: Context, s: Session, a: Args) -> Any:
     phys = a.u64s("phys", ctx.max_batch)
     orders = a.orders("orders", int(phys.size))
     a.done()
-    return {"count": ctx.engine.unpreserve_folios(s, phys, orders)}
+    e = ctx.engine
+
+    def step(at: slice) -> tuple[I64, I64]:
+        ords = _orders_of(orders, at)
+        if ords is None:  # look them up before they are gone, for the undo
+            ords = np.array([s.tracker.find_order(int(p) >> PAGE_SHIFT) or 0 for p in phys[at]])
+        e.unpreserve_folios(s, phys[at], ords)
+        return phys[at], np.broadcast_to(np.asarray(ords, dtype=np.int64), phys[at].shape)
+
+    steps = await _in_steps(ctx, int(phys.size), step, lambda d: e.preserve_folios(s, *d))
+    return {"count": sum(int(p.size) for p, _ in steps)}
 
 
 def _folio_pairs(pfns: I64, orders: I64) -> list[list[int]]:
@@ -286,14 +354,48 @@ def _ranges(ctx: Context, a: Args) -> tuple[I64, I64]:
     return phys, sizes
 
 
+async def _range_steps(
+    ctx: Context,
+    a: Args,
+    do: Callable[[I64, I64, int], tuple[I64, I64]],
+    undo: Callable[[I64, I64], object],
+) -> int:
+    """Ranges in steps; all of them split into at most ``max_batch`` folios."""
+    phys, sizes = _ranges(ctx, a)
+    made = 0
+
+    def step(at: slice) -> tuple[I64, I64]:
+        nonlocal made
+        pfns, orders = do(phys[at], sizes[at], ctx.max_batch - made)
+        made += int(pfns.size)
+        return pfns, orders
+
+    await _in_steps(ctx, int(phys.size), step, lambda d: undo(*d))
+    return made
+
+
 @session_op("preserve_phys_ranges")
-def _preserve_ranges(ctx: Context, s: Session, a: Args) -> Any:
-    return {"folios": int(ctx.engine.preserve_ranges(s, *_ranges(ctx, a))[0].size)}
+async def _preserve_ranges(ctx: Context, s: Session, a: Args) -> Any:
+    e = ctx.engine
+    folios = await _range_steps(
+        ctx,
+        a,
+        lambda p, z, lim: e.preserve_ranges(s, p, z, lim),
+        lambda pfns, orders: s.tracker.unpreserve_folios(pfns, orders),
+    )
+    return {"folios": folios}
 
 
 @session_op("unpreserve_phys_ranges")
-def _unpreserve_ranges(ctx: Context, s: Session, a: Args) -> Any:
-    return {"folios": int(ctx.engine.unpreserve_ranges(s, *_ranges(ctx, a))[0].size)}
+async def _unpreserve_ranges(ctx: Context, s: Session, a: Args) -> Any:
+    e = ctx.engine
+    folios = await _range_steps(
+        ctx,
+        a,
+        lambda p, z, lim: e.unpreserve_ranges(s, p, z, lim),
+        lambda pfns, orders: s.tracker.preserve_folios(pfns, orders),
+    )
+    return {"folios": folios}
 
 
 # --------------------------------------------------------------------------- restore
@@ -316,17 +418,27 @@ def _restore_folio(ctx: Context, s: Session, a: Args) -> Any:
 @session_op("restore_folios")
 async def _restore_folios(ctx: Context, s: Session, a: Args) -> Any:
     phys = a.u64s("phys", ctx.max_batch)
+    packed = _packed(a, int(phys.size))
     a.done()
     e = ctx.engine
-    pfns = e.restore_pfns(phys)
+    pfns = e.restore_pfns(phys).tolist()
+    seen: set[int] = set()
+    await _slices(pfns, seen.update)
+    if len(seen) != len(pfns):
+        raise einval("restore_folios: the same folio appears twice")
     orders: list[int] = []
     await _slices(pfns, lambda chunk: orders.extend(e.restorable(s, chunk)))
-    await _slices(
-        list(range(len(pfns))),
-        lambda at: e.claim(s, pfns[at[0] : at[-1] + 1], orders[at[0] : at[-1] + 1]),
-    )
-    _count_restored(ctx, sum(folio_bytes(o) for o in orders))
-    return {"orders": orders}
+    restored = 0
+
+    def claim(at: Sequence[int]) -> None:
+        nonlocal restored
+        chunk = orders[at[0] : at[-1] + 1]
+        e.claim(s, pfns[at[0] : at[-1] + 1], chunk)
+        restored += sum(folio_bytes(o) for o in chunk)
+
+    await _slices(range(len(pfns)), claim)
+    _count_restored(ctx, restored)
+    return {"orders": bytes(orders) if packed else orders}
 
 
 @session_op("restore_phys")

@@ -45,6 +45,7 @@ class Session:
         self.persistent = persistent
         self.tracker = Tracker()
         self.allocs: dict[int, int] = {}  # head pfn -> order: allocated or restored
+        self.owned = Tracker()  # the same folios as bitmaps, for vectorized ownership checks
         self.tree = Tree(limits=limits, reserved_props=SESSION_PROPS, budget=budget)
         self.connections: set[int] = set()
         self.incoming: IncomingState | None = None
@@ -54,15 +55,31 @@ class Session:
     # ----------------------------------------------------------------- ownership
 
     def add_alloc(self, pfn: int, order: int) -> None:
+        self.owned.preserve_folio(pfn, order)
         self.allocs[pfn] = order
         self._bytes += folio_bytes(order)
         self._runs = None
 
+    def add_allocs(self, pfns: list[int], orders: list[int]) -> None:
+        """Many folios at once (one vectorized update of the bitmaps)."""
+        self.owned.preserve_folios(pfns, orders)
+        self.allocs.update(zip(pfns, orders, strict=True))
+        self._bytes += sum(folio_bytes(o) for o in orders)
+        self._runs = None
+
     def drop_alloc(self, pfn: int) -> int:
         order = self.allocs.pop(pfn)
+        self.owned.unpreserve_folio(pfn, order)
         self._bytes -= folio_bytes(order)
         self._runs = None
         return order
+
+    def drop_allocs(self, pfns: list[int]) -> list[int]:
+        orders = [self.allocs.pop(p) for p in pfns]
+        self.owned.unpreserve_folios(pfns, orders)
+        self._bytes -= sum(folio_bytes(o) for o in orders)
+        self._runs = None
+        return orders
 
     def _alloc_containing(self, pfn: int) -> tuple[int, int] | None:
         for order in range(NR_ORDERS):
@@ -97,14 +114,29 @@ class Session:
         return self._runs
 
     def owned_mask(self, pfns: I64, npages: I64) -> npt.NDArray[np.bool_]:
-        """Vectorized :meth:`owns` for many ranges."""
-        starts, ends = self.owned_runs()
-        if starts.size == 0:
-            return np.zeros(pfns.shape, dtype=bool)
-        i = np.searchsorted(starts, pfns, side="right") - 1
-        ok = i >= 0
-        j = np.maximum(i, 0)
-        return ok & (pfns + npages <= ends[j])
+        """Vectorized :meth:`owns` for many ranges.
+
+        A range that is a folio inside one allocation (the usual case) is
+        answered from the bitmaps without touching the rest; only ranges
+        spanning several allocations go through the coalesced runs.
+        """
+        out = np.zeros(pfns.shape, dtype=bool)
+        if not self.allocs or pfns.size == 0:
+            return out
+        folio = ((npages & (npages - 1)) == 0) & ((pfns & (npages - 1)) == 0)
+        for n in np.unique(npages[folio]).tolist():
+            at = np.flatnonzero(folio & (npages == n))
+            out[at] = self.owned.contained_mask(pfns[at], int(n).bit_length() - 1)
+        rest = np.flatnonzero(~out)
+        if rest.size > 64:
+            starts, ends = self.owned_runs()
+            i = np.searchsorted(starts, pfns[rest], side="right") - 1
+            j = np.maximum(i, 0)
+            out[rest] = (i >= 0) & (pfns[rest] + npages[rest] <= ends[j])
+        else:
+            for k in rest.tolist():
+                out[k] = self.owns(int(pfns[k]), int(npages[k]))
+        return out
 
     @property
     def allocated_bytes(self) -> int:

@@ -19,7 +19,7 @@ import trio.testing
 
 from khod.engine import Engine
 from khod.errors import Errno, KhoError
-from khod.kho.handover import read_handover
+from khod.kho.handover import CommitStep, read_handover
 from khod.kho.record import RecordState, live_record, read_record, write_record
 from khod.lifecycle import TRANSITIONS, Lifecycle, State, Step, Subscriber, refusal
 from khod.log import Log
@@ -251,19 +251,31 @@ async def test_a_failed_finalize_phase_aborts_with_everything_intact(
 async def test_a_failed_commit_aborts_with_everything_intact(rig: Rig) -> None:
     s = rig.session()
     first = rig.preserved(s, 0)
-    # fill the rest of the region: the commit finds no page for its metadata
-    while True:
-        try:
-            rig.engine.alloc_folio(s, 0)
-        except KhoError:
-            break
-    with pytest.raises(KhoError) as e:
+
+    def full(point: str) -> None:
+        if point == CommitStep.FDT_WRITTEN:
+            raise KhoError(Errno.ENOMEM, "the filesystem of the region is full")
+
+    rig.engine.hook = full
+    with pytest.raises(KhoError, match="is full") as e:
         await rig.life.finalize()
     assert e.value.code is Errno.ENOMEM
     assert rig.life.state is State.ACTIVE and not rig.engine.frozen
     assert record_state(rig) is RecordState.LIVE
     assert rig.engine.unpreserve_folio(s, first) == 0
     assert "finalize.failed" in rig.log.getvalue()
+
+
+async def test_no_client_can_take_the_pages_finalize_needs(rig: Rig) -> None:
+    s = rig.session()
+    rig.preserved(s, 0)
+    with pytest.raises(KhoError, match="reserve no session may use") as e:
+        while True:  # take everything a client may take
+            rig.preserved(s, 0)
+    assert e.value.code is Errno.ENOMEM
+    assert rig.engine.allocator.free_pages >= rig.engine.metadata_need()
+    done = await rig.life.finalize()  # the metadata still fits
+    assert done.total_bytes == s.tracker.total_bytes()
 
 
 async def test_sessions_are_held_during_a_finalize_and_swept_after_an_abort(

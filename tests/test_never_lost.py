@@ -378,7 +378,7 @@ async def test_non_string_map_keys_get_an_error_reply_not_a_traceback(shm_dir: P
 def test_a_successor_killed_after_restoring_leaves_the_handover_whole(shm_dir: Path) -> None:
     kept = finalized_region(shm_dir)
     succ = start_daemon(shm_dir)
-    with succ.client("vmm") as vmm:
+    with succ.client("vmm", persistent=True) as vmm:
         for phys in kept:
             vmm.map(vmm.restore_folio(phys))[:4] = b"NEW!"  # restored and written in place
     succ.proc.kill()

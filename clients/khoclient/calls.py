@@ -102,11 +102,18 @@ def alloc_folio(order: int) -> Call[Folio]:
     return Call("alloc_folio", {"order": order}, lambda r: Folio(int(r["phys"]), int(r["order"])))
 
 
+def _u64_list(value: Any) -> list[int]:
+    """A reply's integer array: packed little-endian u64 bytes, or a list."""
+    if isinstance(value, bytes):
+        return np.frombuffer(value, dtype="<u8").tolist()  # type: ignore[no-any-return]
+    return [int(v) for v in value]
+
+
 def alloc_folios(order: int, count: int) -> Call[list[Folio]]:
     return Call(
         "alloc_folios",
-        {"order": order, "count": count},
-        lambda r: [Folio(int(p), int(r["order"])) for p in r["phys"]],
+        {"order": order, "count": count, "packed": True},
+        lambda r: [Folio(p, int(r["order"])) for p in _u64_list(r["phys"])],
     )
 
 
@@ -183,7 +190,13 @@ def restore_folio(phys: int) -> Call[Folio]:
 
 
 def restore_folios(phys: Iterable[int] | np.ndarray[Any, Any]) -> Call[list[int]]:
-    return Call("restore_folios", {"phys": _as_u64s(phys)}, lambda r: [int(o) for o in r["orders"]])
+    return Call(
+        "restore_folios",
+        {"phys": _as_u64s(phys), "packed": True},
+        lambda r: (
+            list(r["orders"]) if isinstance(r["orders"], bytes) else [int(o) for o in r["orders"]]
+        ),
+    )
 
 
 def restore_phys(phys: int, size: int) -> Call[list[Folio]]:

@@ -237,11 +237,30 @@ class Tracker:
                 raise eexist(why or f"folio pfn {pfn:#x} order {order} overlaps a preserved folio")
 
     def contained_mask(self, pfns: I64, order: int) -> npt.NDArray[np.bool_]:
-        """Per folio ``(pfn, order)``: does one preserved folio of order >= it contain it?"""
+        """Per folio ``(pfn, order)``: does one preserved folio of order >= it contain it?
+
+        Folios of exactly ``order`` are looked up a bitmap word at a time (the
+        usual case: a batch naming what was allocated); only those not found
+        are tested against the larger orders.
+        """
         out = np.zeros(pfns.shape, dtype=bool)
+        same = self._orders.get(order)
+        if same is not None and same.slot and pfns.size:
+            hi = pfns >> order
+            try:
+                img = Image.of(hi)
+            except BatchDuplicate:
+                out |= same.test(hi)
+            else:
+                words = same.overlap_words(img)
+                at = np.searchsorted(img.words, hi >> 6)
+                out |= ((words[at] >> (hi & _WORD_MASK).astype(np.uint64)) & np.uint64(1)) != 0
         for bm in self._active():
-            if bm.order >= order:
-                out |= bm.test(pfns >> bm.order)
+            if bm.order > order:
+                rest = np.flatnonzero(~out)
+                if rest.size == 0:
+                    break
+                out[rest] = bm.test(pfns[rest] >> bm.order)
         return out
 
     # ----------------------------------------------------------------- reading
