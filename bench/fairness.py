@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
-import os
 import shutil
 import subprocess
 import sys
@@ -52,7 +51,7 @@ def write_config(d: Path) -> Path:
 def start_khod(cfg: Path, log: Path) -> subprocess.Popen[bytes]:
     with open(log, "ab") as out:
         return subprocess.Popen(
-            [sys.executable, os.environ.get("KHOD_ENTRY", "-m"), *([] if os.environ.get("KHOD_ENTRY") else ["khod"]), "-c", str(cfg)], stdout=out, stderr=subprocess.STDOUT
+            [sys.executable, "-m", "khod", "-c", str(cfg)], stdout=out, stderr=subprocess.STDOUT
         )
 
 

@@ -110,7 +110,8 @@ def write_config(d: Path) -> Path:
     cfg = d / "khod.toml"
     cfg.write_text(
         f'[region]\npath = "{d}/region"\nsize = "{REGION >> 30}G"\nscratch_size = "64M"\n'
-        f'[server]\nsocket = "{d}/khod.sock"\n[metrics]\nlisten = ""\n[logging]\nlevel = "warning"\n'
+        f'[server]\nsocket = "{d}/khod.sock"\n[metrics]\nlisten = ""\n'
+        '[limits]\nuid_max_bytes = "100%"\n[logging]\nlevel = "warning"\n'
     )
     return cfg
 
