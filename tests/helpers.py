@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import json
 import os
 import signal
 import socket
@@ -16,8 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pytest
 import trio
-from khoclient import Client
+from khoclient import Client, KhoError
 
 from khod.config import Config, from_mapping
 from khod.log import Log
@@ -191,3 +193,51 @@ def raw_connect(path: str) -> socket.socket:
     s.connect(path)
     s.settimeout(10)
     return s
+
+
+# ----------------------------------------------------------------------------- other users
+
+UNPRIVILEGED = 65534
+
+
+def as_nobody(
+    socket_path: str, actions: str, extra: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Fork, drop to uid/gid 65534, run ``actions`` against khod; returns what it reports.
+
+    ``actions`` is Python run with ``Client``, ``KhoError``, ``path`` (the
+    socket), ``out`` (a dict to fill with JSON-able results) and ``extra``.
+    """
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: no trio, no threads yet
+        os.close(r)
+        out: dict[str, Any] = {}
+        try:
+            os.setgroups([])
+            os.setgid(UNPRIVILEGED)
+            os.setuid(UNPRIVILEGED)
+            env: dict[str, Any] = {
+                "Client": Client,
+                "KhoError": KhoError,
+                "out": out,
+                "path": socket_path,
+                **(extra or {}),
+            }
+            exec(actions, env)
+        except BaseException as exc:
+            out["crash"] = repr(exc)
+        os.write(w, json.dumps(out).encode())
+        os._exit(0)
+    os.close(w)
+    data = b""
+    while chunk := os.read(r, 65536):
+        data += chunk
+    os.close(r)
+    os.waitpid(pid, 0)
+    return json.loads(data)  # type: ignore[no-any-return]
+
+
+needs_root = pytest.mark.skipif(
+    os.geteuid() != 0, reason="needs root to run a client as another uid"
+)

@@ -269,9 +269,13 @@ async def test_a_failed_commit_aborts_with_everything_intact(rig: Rig) -> None:
 async def test_no_client_can_take_the_pages_finalize_needs(rig: Rig) -> None:
     s = rig.session()
     rig.preserved(s, 0)
-    with pytest.raises(KhoError, match="reserve no session may use") as e:
-        while True:  # take everything a client may take
+
+    def take_everything() -> None:
+        while True:
             rig.preserved(s, 0)
+
+    with pytest.raises(KhoError, match="reserve no session may use") as e:
+        take_everything()
     assert e.value.code is Errno.ENOMEM
     assert rig.engine.allocator.free_pages >= rig.engine.metadata_need()
     done = await rig.life.finalize()  # the metadata still fits

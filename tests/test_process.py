@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -10,7 +9,6 @@ import struct
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
 from khoclient import Client, KhoError
@@ -18,7 +16,7 @@ from khoclient import Client, KhoError
 from khod.errors import Errno
 from khod.kho.record import RecordState, decode_record
 
-from .helpers import daemon_running, sha, start_daemon, write_config
+from .helpers import UNPRIVILEGED, as_nobody, daemon_running, sha, start_daemon, write_config
 
 PAGE = 4096
 
@@ -183,40 +181,6 @@ def test_socket_activation(shm_dir: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- other users
-
-UNPRIVILEGED = 65534
-
-
-def as_nobody(socket_path: str, actions: str) -> dict[str, Any]:
-    """Fork, drop to uid/gid 65534, run ``actions`` against khod; returns what it reports."""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # child: no trio, no threads yet
-        os.close(r)
-        out: dict[str, Any] = {}
-        try:
-            os.setgroups([])
-            os.setgid(UNPRIVILEGED)
-            os.setuid(UNPRIVILEGED)
-            env: dict[str, Any] = {
-                "Client": Client,
-                "KhoError": KhoError,
-                "out": out,
-                "path": socket_path,
-            }
-            exec(actions, env)
-        except BaseException as exc:
-            out["crash"] = repr(exc)
-        os.write(w, json.dumps(out).encode())
-        os._exit(0)
-    os.close(w)
-    data = b""
-    while chunk := os.read(r, 65536):
-        data += chunk
-    os.close(r)
-    os.waitpid(pid, 0)
-    return json.loads(data)  # type: ignore[no-any-return]
-
 
 NOBODY_ACTIONS = """
 def code(fn):
