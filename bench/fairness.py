@@ -139,6 +139,8 @@ def main() -> int:
                 "unpreserve_phys_ranges",
                 lambda: c.call(C.Call("unpreserve_phys_ranges", ranges, lambda r: r)),
             )
+            spare = c.call(C.alloc_folios(0, n))  # a second million, to free
+            timed("free_folios", lambda: c.free_folios([f.phys for f in spare]))
             timed("status", c.status)
             c.preserve_folios(phys, 0)
             with connect(sock, khod) as op:

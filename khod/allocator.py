@@ -25,6 +25,7 @@ import numpy.typing as npt
 
 from khod.errors import ebusy, einval, enomem
 from khod.pages import MAX_ORDER, NR_ORDERS, PAGE_SHIFT, check_order, split_range
+from khod.pfnmap import PfnMap
 
 
 class _Pool:
@@ -137,7 +138,7 @@ class Allocator:
             main = [(base_pfn, npages)]
         self._main = _Pool("main", main)
         self._scratch = _Pool("scratch", [(s_pfn, s_pages)] if s_pages else [])
-        self.allocated: dict[int, int] = {}
+        self.allocated = PfnMap()
         self.reserved: dict[int, int] = {}
         self._allocated_main = 0
         self._reserved_pages = 0

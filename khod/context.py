@@ -73,6 +73,9 @@ class Context(Protocol):
         """Hold while a request of session ``key`` runs: one at a time per session."""
         ...
 
-    def evict(self, key: tuple[int, str]) -> int:
-        """Close every connection that speaks for session ``key``; returns how many."""
+    def evict(self, key: tuple[int, str], spare: int | None = None) -> int:
+        """Close every connection that speaks for session ``key``; returns how many.
+
+        Connection ``spare`` (the one asking) is only unbound from it, and stays open.
+        """
         ...

@@ -10,6 +10,7 @@ the result (an engine result is serialized by :mod:`khod.dispatch`).
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -22,8 +23,9 @@ import trio
 from khod import status
 from khod.args import Args
 from khod.context import Caller, Context, Outcome
-from khod.errors import einval, eperm
+from khod.errors import einval, enoent, eperm
 from khod.pages import I64, PAGE_SHIFT, folio_bytes
+from khod.pfnmap import PfnMap
 from khod.protocol import DEFAULT_MAX_ARRAY as LIST_MAX
 from khod.session import Session
 
@@ -78,6 +80,8 @@ def session_op(name: str) -> Callable[[SessionHandler], SessionHandler]:
         async def call(ctx: Context, caller: Caller, a: Args, req_id: int) -> Any:
             s = _needs_session(caller, a)
             async with ctx.serial(s.key):
+                if caller.session is not s:  # dropped while this request waited its turn
+                    raise enoent(f"session {s.name!r} of uid {s.uid} was dropped")
                 result = fn(ctx, s, a)
                 if isinstance(result, Awaitable):
                     result = await result
@@ -106,6 +110,23 @@ async def _slices(items: Sequence[T], work: Callable[[Sequence[T]], object]) -> 
         if at + STEP < len(items) and time.perf_counter() - turn > TURN_S:
             await trio.lowlevel.cancel_shielded_checkpoint()
             turn = time.perf_counter()
+
+
+async def _listed(arr: I64) -> list[int]:
+    """``arr.tolist()`` a slice at a time (a million at once holds the loop for tens of ms)."""
+    out: list[int] = []
+    for at in range(0, arr.size, BATCH):
+        out.extend(arr[at : at + BATCH].tolist())
+        await trio.lowlevel.checkpoint()
+    return out
+
+
+async def _distinct(pfns: Sequence[int], op: str) -> None:
+    """Refuse a batch naming a folio twice (a sharded map: no rehash of a million at once)."""
+    seen = PfnMap()
+    await _slices(pfns, lambda chunk: seen.update(zip(chunk, itertools.repeat(0))))
+    if len(seen) != len(pfns):
+        raise einval(f"{op}: the same folio appears twice")
 
 
 async def _in_steps(
@@ -258,9 +279,8 @@ async def _free_folios(ctx: Context, s: Session, a: Args) -> Any:
     a.done()
     e = ctx.engine
     pfns: list[int] = []
-    await _slices(phys.tolist(), lambda chunk: pfns.extend(e.freeable(s, chunk)))
-    if len(set(pfns)) != len(pfns):
-        raise einval("free_folios: the same folio appears twice")
+    await _slices(await _listed(phys), lambda chunk: pfns.extend(e.freeable(s, chunk)))
+    await _distinct(pfns, "free_folios")
     await _slices(pfns, lambda chunk: e.free_pfns(s, chunk))
     return {"count": len(pfns)}
 
@@ -421,11 +441,9 @@ async def _restore_folios(ctx: Context, s: Session, a: Args) -> Any:
     packed = _packed(a, int(phys.size))
     a.done()
     e = ctx.engine
-    pfns = e.restore_pfns(phys).tolist()
-    seen: set[int] = set()
-    await _slices(pfns, seen.update)
-    if len(seen) != len(pfns):
-        raise einval("restore_folios: the same folio appears twice")
+    await trio.lowlevel.checkpoint()
+    pfns = await _listed(e.restore_pfns(phys))
+    await _distinct(pfns, "restore_folios")
     orders: list[int] = []
     await _slices(pfns, lambda chunk: orders.extend(e.restorable(s, chunk)))
     restored = 0
@@ -545,13 +563,14 @@ def _handover(ctx: Context, caller: Caller, a: Args, _: int) -> Any:
 
 
 @op("drop_session", operator=True)
-def _drop_session(ctx: Context, caller: Caller, a: Args, _: int) -> Any:
+async def _drop_session(ctx: Context, caller: Caller, a: Args, _: int) -> Any:
     name = a.string("session", MAX_NAME)
     uid = a.opt_uid()
     a.done()
     uid = caller.peer.uid if uid is None else uid
-    out = ctx.lifecycle.drop_session(uid, name)
-    ctx.evict((uid, name))
+    async with ctx.serial((uid, name)):  # between two of its requests, never inside one
+        out = ctx.lifecycle.drop_session(uid, name)
+        ctx.evict((uid, name), spare=caller.key)
     return out
 
 

@@ -45,6 +45,7 @@ from khod.context import Caller, RequestMetrics
 from khod.dispatch import Response, dispatch, label
 from khod.engine import Engine
 from khod.errors import Errno, KhoError
+from khod.kho.handover import session_node
 from khod.lifecycle import Lifecycle, Progress, Subscriber
 from khod.log import Log
 from khod.protocol import (
@@ -207,6 +208,8 @@ class Connection:
                     response.after()
                 if self.closing:
                     return
+            if messages and decoder.pending:
+                deadline = trio.current_time() + timeout  # time we spent serving it is not its
 
     def _hold(self, pending: int) -> bool:
         """Count this connection's unfinished frame against the daemon-wide cap."""
@@ -278,7 +281,7 @@ class Connections:
 
     def subscribed(self, event: str) -> list[Subscriber]:
         return [
-            Subscriber(c.key, c.caller.session.name, c.notify)
+            Subscriber(c.key, session_node(c.caller.session.key), c.notify)  # u<uid>,<name>
             for c in self
             if event in c.caller.events and c.caller.session is not None
         ]
@@ -365,13 +368,16 @@ class Server:
             else:
                 self._session_locks[key] = (lock, users - 1)
 
-    def evict(self, key: tuple[int, str]) -> int:
+    def evict(self, key: tuple[int, str], spare: int | None = None) -> int:
         gone = [
             c for c in self.conns if c.caller.session is not None and c.caller.session.key == key
         ]
         for c in gone:
-            self.log.warning("conn.evicted", conn=label(c.caller), reason="its session was dropped")
             c.caller.session = None
+            c.caller.events = frozenset()
+            if c.caller.key == spare:  # the operator who dropped it gets its reply
+                continue
+            self.log.warning("conn.evicted", conn=label(c.caller), reason="its session was dropped")
             c.cut_off()
         return len(gone)
 

@@ -17,6 +17,7 @@ from khod.kho.handover import SESSION_PROPS
 from khod.kho.tracker import Tracker
 from khod.kho.tree import Node, Tree, TreeBudget, TreeLimits
 from khod.pages import I64, NR_ORDERS, folio_bytes
+from khod.pfnmap import PfnMap
 
 
 @dataclass
@@ -44,7 +45,7 @@ class Session:
         self.uid = uid
         self.persistent = persistent
         self.tracker = Tracker()
-        self.allocs: dict[int, int] = {}  # head pfn -> order: allocated or restored
+        self.allocs = PfnMap()  # head pfn -> order: allocated or restored
         self.owned = Tracker()  # the same folios as bitmaps, for vectorized ownership checks
         self.tree = Tree(limits=limits, reserved_props=SESSION_PROPS, budget=budget)
         self.connections: set[int] = set()
