@@ -120,7 +120,7 @@ class Subscriber:
     """A session that asked to be told of an event, on one connection ``key``."""
 
     key: int
-    session: str
+    session: str  # as reports name it: u<uid>,<name>, unique across users
     notify: Callable[[str, int, int], bool]  # (event, token, generation) -> delivered
 
 

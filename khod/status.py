@@ -94,8 +94,11 @@ def snapshot(e: Engine, life: Lifecycle, connections: int, viewer: int | None = 
     if viewer is not None:
         sessions = [s for s in sessions if s.uid == viewer]
         if last is not None:
+            mine = f"u{viewer},"  # notified sessions are named u<uid>,<name>
             last = dataclasses.replace(
-                last, sessions=tuple(b for b in last.sessions if b.uid == viewer)
+                last,
+                sessions=tuple(b for b in last.sessions if b.uid == viewer),
+                notified={k: v for k, v in last.notified.items() if k.startswith(mine)},
             )
     return Status(
         state=str(life.state),

@@ -47,7 +47,10 @@ def test_vmm_and_kvstore_survive_the_handover(shm_dir: Path) -> None:
         assert rk["mode"] == "start" and rk["keys"] == 600
         with d.client() as op:
             summary = op.finalize()
-            assert summary["notified"] == {"vmm": "ok", "kvstore": "ok"}
+            assert summary["notified"] == {
+                f"u{os.getuid()},vmm": "ok",
+                f"u{os.getuid()},kvstore": "ok",
+            }
             op.handover()
         (vrc, verr), (krc, _) = finish(vmm), finish(kv)
         assert vrc == 0 and krc == 0  # they exit with the daemon, as after a kexec

@@ -14,6 +14,7 @@ import trio.lowlevel
 import trio.testing
 from khoclient import AsyncClient, KhoError, NotifierEvent, Veto
 
+from khod import status
 from khod.errors import Errno
 from khod.kho.handover import read_handover
 from khod.kho.record import read_record
@@ -50,10 +51,10 @@ async def test_finalize_phase_lets_sessions_add_memory_and_nodes(shm_dir: Path) 
         progress: list[dict[str, Any]] = []
         summary = await op.finalize(progress=progress.append)
         assert [p.get("status") for p in progress] == ["asked", "ok", "freezing", "committed"]
-        assert progress[0]["session"] == "vmm"
+        assert progress[0]["session"] == f"u{os.getuid()},vmm"
         assert len(seen) == 1 and seen[0].name == "finalize"
         assert summary["bytes"] == {"9": 2 << 20}
-        assert summary["notified"] == {"vmm": "ok"}
+        assert summary["notified"] == {f"u{os.getuid()},vmm": "ok"}
         # what the handover holds, read back as a successor would
         region = d.server.engine.region
         incoming = read_handover(region, read_record(region))  # type: ignore[arg-type]
@@ -64,6 +65,30 @@ async def test_finalize_phase_lets_sessions_add_memory_and_nodes(shm_dir: Path) 
         with trio.fail_after(5):
             await unfroze.wait()
         assert unfrozen == ["unfreeze"]
+
+
+async def test_a_round_names_sessions_by_uid_and_name_and_any_number_fit(
+    shm_dir: Path,
+) -> None:
+    """Two users' "db" are two entries; 70 answers fit in the reply a client reads."""
+    limits = {"max_connections_per_uid": 128}
+    async with inproc_daemon(shm_dir, limits=limits) as d, AsyncExitStack() as stack:
+        op = await stack.enter_async_context(AsyncClient(d.socket))
+
+        async def ok(_ev: NotifierEvent) -> None:
+            return None
+
+        for uid, name in [(0, "db"), (65534, "db")] + [(0, f"s{i}") for i in range(68)]:
+            c = await stack.enter_async_context(AsyncClient(d.socket))
+            await c.hello(name, persistent=True, uid=uid)  # root may speak for another uid
+            await c.subscribe(on_finalize=ok)
+        summary = await op.finalize()
+        assert len(summary["notified"]) == 70
+        assert summary["notified"]["u0,db"] == summary["notified"]["u65534,db"] == "ok"
+        st = status.snapshot(d.server.engine, d.server.lifecycle, 0, viewer=65534)
+        assert st.last_finalize is not None
+        assert dict(st.last_finalize.notified) == {"u65534,db": "ok"}  # not other users' names
+        await op.unfreeze()
 
 
 @pytest.mark.parametrize("how", ["veto", "error", "timeout", "disconnect"])
@@ -105,7 +130,7 @@ async def test_aborts_keep_every_preservation(shm_dir: Path, how: str) -> None:
                 with pytest.raises(KhoError) as e:
                     await op.finalize(progress=progress.append)
                 assert e.value.code is code
-                assert "'vmm'" in e.value.message
+                assert f"'u{os.getuid()},vmm'" in e.value.message
                 statuses = [
                     (p.get("session"), p.get("status"))
                     for p in progress
@@ -117,7 +142,7 @@ async def test_aborts_keep_every_preservation(shm_dir: Path, how: str) -> None:
                     "timeout": "timeout",
                     "disconnect": "disconnected",
                 }[how]
-                assert ("vmm", want) in statuses
+                assert (f"u{os.getuid()},vmm", want) in statuses
                 st = await op.status()
                 assert st["state"] == "active"
                 assert not st["frozen"]

@@ -318,9 +318,22 @@ def test_a_session_node_must_be_named_for_its_owner(setup: Setup) -> None:
     expect(setup, Fault.MISSING_PROPERTY, "not named u<owner-uid>")
 
 
+@pytest.mark.parametrize("name", ["khod", "preserved-memory", "compatible"])
+def test_a_session_node_may_not_take_a_name_khod_never_writes(setup: Setup, name: str) -> None:
+    """The reader accepts only what the writer could write: hello refuses these names,
+    so a successor taking one in could never serve its owner nor finalize again."""
+
+    def rename(t: object) -> None:
+        kids = t.children  # type: ignore[attr-defined]
+        kids[f"u1000,{name}"] = kids.pop("u1000,vmm")
+
+    rewrite_fdt(setup, rename)
+    expect(setup, Fault.MISSING_PROPERTY, "not named u<owner-uid>")
+
+
 def test_an_older_khods_handover_is_refused_by_name(setup: Setup) -> None:
     rewrite_fdt(setup, lambda t: t.children["khod"].props.update(compatible=b"khod-v1\0"))  # type: ignore[attr-defined]
-    expect(setup, Fault.MISSING_PROPERTY, "written by a khod before sessions were")
+    expect(setup, Fault.MISSING_PROPERTY, "written by an older khod")
 
 
 def test_wrong_compatible(setup: Setup) -> None:

@@ -17,10 +17,12 @@ from typing import Any
 
 import pytest
 import trio
+import trio.lowlevel
 import trio.testing
 from khoclient import AsyncClient, Client, KhoError
 
 from khod.errors import Errno
+from khod.pages import PAGE_SHIFT
 from khod.protocol import Decoder, encode
 
 from .helpers import (
@@ -208,6 +210,38 @@ def test_an_operator_drops_a_session_and_its_memory(shm_dir: Path) -> None:
         assert d.stop() == 0
 
 
+async def test_a_drop_waits_for_the_request_running_and_leaks_nothing(shm_dir: Path) -> None:
+    """Dropped in the middle of a long allocation, a session still gives back all of it."""
+    async with inproc_daemon(shm_dir) as d, AsyncClient(d.socket) as op:
+        engine = d.server.engine
+        base = engine.allocator.usage().allocated
+        outcome: list[object] = []
+        async with AsyncClient(d.socket, "big", persistent=True) as big:
+
+            async def allocate() -> None:
+                try:
+                    outcome.append(len(await big.alloc_folios(0, 30_000)))
+                except (KhoError, OSError) as exc:  # its connection may go with the session
+                    outcome.append(exc)
+
+            async with trio.open_nursery() as n:
+                n.start_soon(allocate)
+                while engine.allocator.usage().allocated == base:
+                    await trio.lowlevel.checkpoint()
+                out = await op.drop_session("big")
+                assert out["freed_bytes"] == 30_000 << PAGE_SHIFT, (out, outcome)  # all of it
+        assert engine.allocator.usage().allocated == base
+        assert engine.sessions == {}
+        assert outcome
+        # the operator dropped a session it is not bound to; dropping its own keeps it served
+        await op.hello("mine")
+        await op.alloc_folio(0)
+        assert (await op.drop_session("mine"))["freed_bytes"] == 1 << PAGE_SHIFT
+        with pytest.raises(KhoError, match="send hello first"):
+            await op.alloc_folio(0)
+        await op.ping()
+
+
 def test_freed_memory_goes_back_to_the_system(shm_dir: Path) -> None:
     with daemon_running(shm_dir) as d, d.client("big", persistent=True) as c:
         f = c.alloc_folio(9)
@@ -238,6 +272,40 @@ async def test_silence_in_the_middle_of_a_frame_is_cut_off(shm_dir: Path) -> Non
         assert d.log.getvalue().count("conn.timeout") == 2
         await half.aclose()
         await mute.aclose()
+
+
+async def test_time_spent_serving_a_request_is_not_charged_to_the_next_frame(
+    shm_dir: Path,
+) -> None:
+    """A frame pipelined behind a slow request gets the whole deadline once that is answered."""
+    async with (
+        inproc_daemon(shm_dir, limits={"request_timeout_s": 0.3}) as d,
+        AsyncClient(d.socket, "slow", persistent=True) as w,
+    ):
+
+        async def ready_late(_event: dict[str, object]) -> None:
+            await trio.sleep(0.6)  # finalize waits for this: longer than the frame deadline
+
+        await w.subscribe(on_finalize=ready_late)
+        s = await trio.open_unix_socket(d.socket)
+        ping = encode({"id": 2, "op": "ping"})
+        await s.send_all(encode({"id": 1, "op": "finalize"}) + ping[:1])  # and a frame begun
+        decoder = Decoder()
+
+        async def reply() -> dict[str, Any]:
+            while True:  # progress events come too
+                data = await s.receive_some(4096)
+                assert data, "the connection was closed: the finalize's time was charged to it"
+                for m in decoder.feed(data):
+                    if "id" in m:
+                        return m  # type: ignore[no-any-return]
+
+        with trio.fail_after(5):
+            done = await reply()
+            assert done["id"] == 1 and "error" not in done, done
+            await s.send_all(ping[1:])
+            assert (await reply())["id"] == 2
+        await s.aclose()
 
 
 async def test_unfinished_frames_are_capped_for_all_connections(shm_dir: Path) -> None:
@@ -371,9 +439,12 @@ async def test_lists_longer_than_the_wire_allows_close_only_that_connection(
     async with inproc_daemon(shm_dir) as d, AsyncClient(d.socket, "b") as b:
         s = await trio.open_unix_socket(d.socket)
         await s.send_all(encode({"id": 1, "op": "hello", "name": "x"}))
-        await s.send_all(encode({"id": 2, "op": "free_folios", "phys": [0] * 70000}))
         decoder, got = Decoder(), []
+        with trio.fail_after(5):
+            while not got:  # the hello reply first: a hang-up with our bytes unread resets
+                got += decoder.feed(await s.receive_some(4096))
         with trio.fail_after(5), contextlib.suppress(trio.BrokenResourceError):
+            await s.send_all(encode({"id": 2, "op": "free_folios", "phys": [0] * 70000}))
             while data := await s.receive_some(4096):  # until the daemon hangs up
                 got += decoder.feed(data)
         assert [m["id"] for m in got] == [1]  # hello answered, then the frame refused

@@ -55,7 +55,8 @@ class Core:
     """Sans-I/O half of a client connection."""
 
     def __init__(self) -> None:
-        self.decoder = Decoder(Limits(max_frame=256 << 20, max_array=1 << 22))
+        # maps as large as a round of 1022 sessions (finalize's `notified`)
+        self.decoder = Decoder(Limits(max_frame=256 << 20, max_array=1 << 22, max_map=1 << 12))
         self.ids = itertools.count(1)
         self.fds: deque[int] = deque()
         self.region: tuple[int, RegionInfo] | None = None  # the passed region fd and geometry

@@ -61,8 +61,9 @@ def session_node(key: SessionKey) -> str:
 
 
 def parse_session_node(node: str) -> SessionKey | None:
+    """The session a root node names, or None: what khod writes, and so all a reader accepts."""
     m = SESSION_NODE.fullmatch(node)
-    if m is None or int(m.group(1)) >= 1 << 32:
+    if m is None or int(m.group(1)) >= 1 << 32 or m.group(2) in ROOT_NAMES:
         return None
     return int(m.group(1)), m.group(2)
 
@@ -391,8 +392,9 @@ def read_handover(region: Memory, record: HandoverRecord) -> Incoming:
     if khod.props.get("compatible") == string_value("khod-v1"):
         raise HandoverError(
             Fault.MISSING_PROPERTY,
-            "/khod is compatible 'khod-v1': written by a khod before sessions were (uid, name) "
-            "and kept their memory in files of their own; it cannot take this handover in",
+            "/khod is compatible 'khod-v1': written by an older khod, whose sessions were named "
+            "without their uid and whose clients' memory lay in the region file itself; this "
+            "khod (khod-v2) cannot take it in",
         )
     _compatible(khod, "/khod", KHOD_COMPATIBLE)
     generation = as_u64(_prop(khod, "/khod", "generation", 8))
