@@ -169,11 +169,13 @@ class Connection:
 
     async def _receive(self, deadline: float) -> bytes | None:
         """The next bytes from the peer; None when it is gone or too slow."""
-        with trio.move_on_at(deadline):
-            try:
+        try:
+            if deadline == math.inf:  # between requests: no cancel scope to pay for
                 return await self.stream.receive_some(1 << 16)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                return None
+            with trio.move_on_at(deadline):
+                return await self.stream.receive_some(1 << 16)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return None
         self.log.warning(
             "conn.timeout",
             conn=label(self.caller),
@@ -226,16 +228,18 @@ class Connection:
     async def _writer(self, scope: trio.CancelScope) -> None:
         try:
             async with self._recv:
-                async for data, fds in self._recv:
-                    with trio.move_on_after(self.limits.send_timeout_s) as slow:
+                with trio.CancelScope() as slow:  # one scope, armed only while a frame is out
+                    async for data, fds in self._recv:
+                        slow.deadline = trio.current_time() + self.limits.send_timeout_s
                         await self._write(data, fds)
-                    if slow.cancelled_caught:
-                        self.log.warning(
-                            "conn.slow_consumer",
-                            conn=label(self.caller),
-                            reason=f"a frame not taken in {self.limits.send_timeout_s:g} s",
-                        )
-                        return
+                        slow.deadline = math.inf
+                if slow.cancelled_caught:
+                    self.log.warning(
+                        "conn.slow_consumer",
+                        conn=label(self.caller),
+                        reason=f"a frame not taken in {self.limits.send_timeout_s:g} s",
+                    )
+                    return
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             pass
         finally:
@@ -359,8 +363,14 @@ class Server:
         lock, users = self._session_locks.get(key, (trio.Lock(), 0))
         self._session_locks[key] = (lock, users + 1)
         try:
-            async with lock:
+            try:  # the usual case, a free turn, costs no trip through the scheduler
+                lock.acquire_nowait()
+            except trio.WouldBlock:
+                await lock.acquire()
+            try:
                 yield
+            finally:
+                lock.release()
         finally:
             lock, users = self._session_locks[key]
             if users == 1:
