@@ -23,9 +23,9 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from khod.errors import ebusy, einval, enomem
-from khod.pages import MAX_ORDER, NR_ORDERS, PAGE_SHIFT, check_order, split_range
-from khod.pfnmap import PfnMap
+from khod.errors import KhoError, ebusy, einval, enomem
+from khod.kho.tracker import Tracker
+from khod.pages import I64, MAX_ORDER, NR_ORDERS, PAGE_SHIFT, check_order, split_range
 
 
 class _Pool:
@@ -74,6 +74,60 @@ class _Pool:
                 self._push(head + (1 << o), o)
             return head
         return None
+
+    def _pop_lowest(self, order: int) -> int:
+        heap = self._heap[order]
+        while True:
+            head = heapq.heappop(heap)
+            if head in self.free[order]:
+                break
+        self._remove(head, order)
+        return head
+
+    def take_many(self, order: int, count: int) -> list[I64] | None:
+        """``count`` blocks of ``order``: exactly those ``count`` calls of :meth:`take` give.
+
+        Sequential takes exhaust the free blocks of ``order``, then split the
+        lowest block of the next order up and walk it from its first block to
+        its last before touching another. So a big block yields its blocks as
+        one ``arange``, and what is left of the last one is its greedy split
+        (the buddies those takes would leave). None, with nothing taken, when
+        the pool runs out of blocks of ``order`` or larger.
+        """
+        parts: list[I64] = []
+        need, step = count, 1 << order
+        while need:
+            o = next((o for o in range(order, NR_ORDERS) if self.free[o]), None)
+            if o is None:
+                for part in parts:  # give back what this call took
+                    self.give_run(int(part[0]), int(part[-1]) + step)
+                return None
+            head = self._pop_lowest(o)
+            n = min(1 << (o - order), need)
+            parts.append(head + np.arange(n, dtype=np.int64) * step)
+            rest = (1 << o) - n * step
+            if rest:
+                for h, ho in split_range(head + n * step, rest):
+                    self._push(h, ho)
+            need -= n
+        return parts
+
+    def give_run(self, start: int, end: int) -> None:
+        """Pages ``[start, end)``, none of them free, become free, merged as buddies would be.
+
+        Eager buddy merging keeps the free lists the unique split of the free
+        pages into maximal aligned blocks. So freeing a run is: absorb the
+        free blocks adjacent to it, and push the greedy split of the free
+        interval that makes -- what freeing its pages one by one would leave.
+        """
+        while (hit := self.containing(start - 1)) is not None:
+            self._remove(*hit)
+            start = hit[0]
+        while (hit := self.containing(end)) is not None:
+            self._remove(*hit)
+            end = hit[0] + (1 << hit[1])
+        for head, order in split_range(start, end - start):
+            self._push(head, order)
 
     def give(self, head: int, order: int) -> None:
         """Return a block, merging with free buddies as far as they go."""
@@ -138,7 +192,7 @@ class Allocator:
             main = [(base_pfn, npages)]
         self._main = _Pool("main", main)
         self._scratch = _Pool("scratch", [(s_pfn, s_pages)] if s_pages else [])
-        self.allocated = PfnMap()
+        self.allocated = Tracker()  # allocated blocks, as folios: batches are vectorized
         self.reserved: dict[int, int] = {}
         self._allocated_main = 0
         self._reserved_pages = 0
@@ -172,7 +226,7 @@ class Allocator:
 
     def order_of(self, pfn: int) -> int | None:
         """The order of the allocation whose head is ``pfn``."""
-        return self.allocated.get(pfn)
+        return self.allocated.find_order(pfn)
 
     def _check_range(self, pfn: int, npages: int) -> None:
         if npages <= 0:
@@ -204,10 +258,33 @@ class Allocator:
                 f"an order-{order} block would leave fewer than the {keep} free pages kept "
                 "for the handover's metadata (a reserve no session may use)"
             )
-        self.allocated[head] = order
+        self.allocated.preserve_folio(head, order)
         if pool is self._main:
             self._allocated_main += 1 << order
         return head
+
+    def alloc_many(self, order: int, count: int, *, keep: int = 0) -> I64:
+        """``count`` blocks of ``order`` at once, all or none: what ``count`` calls of
+        :meth:`alloc` would give, in the same order, at the cost of a few numpy calls."""
+        check_order(order)
+        if count <= 0:
+            return np.empty(0, dtype=np.int64)
+        pool = self._scratch if self.scratch_only else self._main
+        pages = count << order
+        if keep and pool.free_pages - pages < keep:
+            raise enomem(
+                f"{count} order-{order} blocks would leave fewer than the {keep} free pages kept "
+                "for the handover's metadata (a reserve no session may use)"
+            )
+        parts = pool.take_many(order, count) if pool.free_pages >= pages else None
+        if parts is None:
+            where = "scratch" if self.scratch_only else "the region"
+            raise enomem(f"no room for {count} order-{order} blocks in {where}")
+        heads = np.concatenate(parts)
+        self.allocated.preserve_folios(heads, order)
+        if pool is self._main:
+            self._allocated_main += pages
+        return heads
 
     def alloc_pages(self, count: int) -> list[int]:
         """``count`` order-0 pages, all or none."""
@@ -221,8 +298,10 @@ class Allocator:
         return got
 
     def free(self, pfn: int) -> None:
-        order = self.allocated.pop(pfn, None)
-        if order is None:
+        order = self.allocated.find_order(pfn)
+        if order is not None:
+            self.allocated.unpreserve_folio(pfn, order)
+        else:
             pool = self._scratch if self._scratch.contains(pfn) else self._main
             if pool.containing(pfn) is not None:
                 raise einval(f"double free: pfn {pfn:#x} is already free")
@@ -236,6 +315,36 @@ class Allocator:
     def free_many(self, pfns: Iterable[int]) -> None:
         for pfn in pfns:
             self.free(pfn)
+
+    def free_blocks(self, pfns: I64, orders: I64 | int) -> tuple[I64, I64]:
+        """Free many allocated blocks at once, all or none (vectorized).
+
+        The pages go back as coalesced runs, each merged with its free
+        neighbours (:meth:`_Pool.give_run`), so the free lists end exactly as
+        freeing them one by one would leave them. Returns those runs
+        ``[start, end)``.
+        """
+        if pfns.size == 0:
+            empty = np.empty(0, dtype=np.int64)
+            return empty, empty
+        try:
+            self.allocated.unpreserve_folios(pfns, orders)
+        except KhoError as e:
+            raise einval(f"not an allocated block: {e.message}") from None
+        freed = Tracker()
+        freed.preserve_folios(pfns, orders)
+        starts, ends = freed.page_runs()
+        s_lo, s_pages = self.scratch_range
+        s_hi = s_lo + s_pages
+        for a, b in zip(starts.tolist(), ends.tolist(), strict=True):
+            # a run may touch scratch and the main pool on either side of it
+            for lo, hi in ((a, min(b, s_lo)), (max(a, s_hi), b)):
+                if lo < hi:
+                    self._allocated_main -= hi - lo
+                    self._main.give_run(lo, hi)
+            if s_pages and max(a, s_lo) < min(b, s_hi):
+                self._scratch.give_run(max(a, s_lo), min(b, s_hi))
+        return starts, ends
 
     # ----------------------------------------------------------------- reserve (memblock)
 
@@ -340,6 +449,62 @@ class Allocator:
             self._take_reserved(head, order)
             self._main.give(head, order)
 
+    def claim_many(self, pfns: I64, orders: I64) -> None:
+        """Claim many reserved folios at once, all or none (a restore batch).
+
+        A folio inside one reserved block (the usual case: incoming memory
+        is reserved as large aligned blocks) is claimed in bulk: each touched
+        block leaves the reserved set and the gaps between its claimed folios
+        go back in as greedy splits. Anything else goes through :meth:`claim`.
+        """
+        if pfns.size == 0:
+            return
+        npages = np.int64(1) << orders
+        ends = pfns + npages
+        if np.any(pfns & (npages - 1)):
+            i = int(np.flatnonzero(pfns & (npages - 1))[0])
+            raise einval(f"pfn {int(pfns[i]):#x} is not aligned to order {int(orders[i])}")
+        if pfns.size > 1 and not bool(np.all(pfns[1:] > pfns[:-1])):
+            perm = np.argsort(pfns, kind="stable")
+            pfns, orders, npages, ends = pfns[perm], orders[perm], npages[perm], ends[perm]
+        if pfns.size > 1 and bool(np.any(ends[:-1] > pfns[1:])):
+            i = int(np.flatnonzero(ends[:-1] > pfns[1:])[0]) + 1
+            raise einval(f"claimed folios overlap at pfn {int(pfns[i]):#x}")
+        n = len(self.reserved)
+        heads = np.fromiter(self.reserved.keys(), dtype=np.int64, count=n)
+        bords = np.fromiter(self.reserved.values(), dtype=np.int64, count=n)
+        perm = np.argsort(heads)
+        heads, bends = heads[perm], heads[perm] + (np.int64(1) << bords[perm])
+        blk = np.searchsorted(heads, pfns, side="right") - 1
+        inside = (blk >= 0) & (ends <= bends[np.maximum(blk, 0)])
+        if not inside.all():  # a folio over several reserved blocks: the careful way
+            rest = np.flatnonzero(~inside)
+            for k in rest.tolist():
+                self._check_reserved([(int(pfns[k]), int(orders[k]))])
+            keep = np.flatnonzero(inside)
+            for k in rest.tolist():
+                self.claim(int(pfns[k]), int(orders[k]))
+            pfns, orders, npages, ends, blk = (x[keep] for x in (pfns, orders, npages, ends, blk))
+            if pfns.size == 0:
+                return
+            return self.claim_many(pfns, orders)
+        first = np.concatenate(([True], blk[1:] != blk[:-1]))
+        last = np.concatenate((blk[1:] != blk[:-1], [True]))
+        prev_end = np.where(first, heads[blk], np.concatenate(([0], ends[:-1])))
+        gap_lo = np.flatnonzero(pfns > prev_end)  # a gap before folio k
+        gap_hi = np.flatnonzero(last & (ends < bends[blk]))  # and after the last of a block
+        gaps = [(int(prev_end[k]), int(pfns[k])) for k in gap_lo.tolist()]
+        gaps += [(int(ends[k]), int(bends[blk[k]])) for k in gap_hi.tolist()]
+        for b in np.unique(blk).tolist():
+            del self.reserved[int(heads[b])]
+        for a, b in gaps:
+            for h, o in split_range(a, b - a):
+                self.reserved[h] = o
+        total = int(npages.sum())
+        self._reserved_pages -= total
+        self.allocated.preserve_folios(pfns, orders)
+        self._allocated_main += total
+
     def claim(self, pfn: int, order: int) -> None:
         """Turn the reserved folio ``(pfn, order)`` into an allocation (a restore)."""
         check_order(order)
@@ -348,7 +513,7 @@ class Allocator:
         self._check_range(pfn, 1 << order)
         self._check_reserved([(pfn, order)])
         self._take_reserved(pfn, order)
-        self.allocated[pfn] = order
+        self.allocated.preserve_folio(pfn, order)
         self._allocated_main += 1 << order
 
     # ----------------------------------------------------------------- modes

@@ -24,7 +24,7 @@ leaves that handover on the region for the next start to take in whole.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -56,7 +56,7 @@ from khod.kho.tree import (
     descend,
     split_path,
 )
-from khod.memfiles import MemoryFiles, runs_of
+from khod.memfiles import MemoryFiles
 from khod.pages import I64, PAGE_SHIFT, PAGE_SIZE, folio_bytes, split_range, split_ranges
 from khod.region import Region
 from khod.results import CommitSummary, DropResult, NodeListing, ReleaseResult, SessionBytes
@@ -181,7 +181,7 @@ class Engine:
         """
         s.tracker = Tracker()
         self._count(("out", s.key), s.tracker)
-        self._free_blocks(s, list(s.allocs))
+        self.free_blocks(s, *s.folios())
         if s.incoming is not None:
             s.incoming.claimed = False
         else:
@@ -321,16 +321,16 @@ class Engine:
         self,
         pfns: I64,
         orders: int | I64 | None,
-        lookup: Callable[[int], int | None],
+        lookup: Tracker,
         missing: tuple[Errno, str],
     ) -> int | I64:
-        """The batch's orders: as given, or looked up per folio (``missing``: code and what)."""
+        """The batch's orders: as given, or looked up in ``lookup`` (``missing``: code and what)."""
         if orders is None:
-            found = [lookup(p) for p in pfns.tolist()]
-            if None in found:
-                p = int(pfns[found.index(None)]) << PAGE_SHIFT
+            found = lookup.find_orders(pfns)
+            if pfns.size and int(found.min()) < 0:
+                p = int(pfns[np.flatnonzero(found < 0)[0]]) << PAGE_SHIFT
                 raise KhoError(missing[0], f"{p:#x} is not {missing[1]}: give the order")
-            orders = np.asarray(found, dtype=np.int64)
+            orders = found
         npages = np.int64(1) << (orders if isinstance(orders, np.ndarray) else np.int64(orders))
         if pfns.size and int((pfns + npages).max()) > (self.region.end >> PAGE_SHIFT):
             raise einval("a folio of the batch runs past the end of the region")
@@ -350,18 +350,12 @@ class Engine:
         s.add_alloc(pfn, order)
         return pfn << PAGE_SHIFT
 
-    def alloc_folios(self, s: Session, order: int, count: int) -> list[int]:
+    def alloc_folios(self, s: Session, order: int, count: int) -> I64:
+        """``count`` folios of ``order``, all or none; their phys, as an array."""
         self._quota(s, count * folio_bytes(order))
-        got: list[int] = []
-        keep = self.metadata_need()
-        try:
-            for _ in range(count):
-                got.append(self.allocator.alloc(order, keep=keep))  # noqa: PERF401 -- partial list is the rollback
-        except BaseException:
-            self.allocator.free_many(got)
-            raise
-        s.add_allocs(got, [order] * len(got))
-        return [p << PAGE_SHIFT for p in got]
+        pfns = self.allocator.alloc_many(order, count, keep=self.metadata_need())
+        s.add_allocs(pfns, order)
+        return pfns << PAGE_SHIFT
 
     def _freeable(self, s: Session, phys: int) -> int:
         """The pfn of ``s``'s allocation at ``phys``, if it may be freed now.
@@ -369,37 +363,49 @@ class Engine:
         Never while it holds preserved memory, nor while it is part of a
         committed handover (a carried-forward folio restored after finalize).
         """
-        pfn = self._pfn(phys)
-        order = s.allocs.get(pfn)
-        if order is None:
-            raise enoent(f"session {s.name!r} has no allocation starting at {phys:#x}")
-        if s.tracker.intersects(pfn, 1 << order):
-            raise ebusy(f"folio {phys:#x} order {order} holds preserved memory; unpreserve first")
-        c = self.committed
-        if c is not None and c.tracker.intersects(pfn, 1 << order):
-            raise ebusy(
-                f"folio {phys:#x} order {order} is part of the committed handover of generation "
-                f"{c.record.generation}; it stays until unfreeze"
-            )
-        return pfn
+        pfns, _ = self.freeable(s, np.array([phys], dtype=np.int64))
+        return int(pfns[0])
 
     def free_folio(self, s: Session, phys: int) -> None:
-        self._free_blocks(s, [self._freeable(s, phys)])
+        self.free_blocks(s, *self.freeable(s, np.array([phys], dtype=np.int64)))
 
-    def freeable(self, s: Session, phys: Sequence[int]) -> list[int]:
-        """The pfns of ``s``'s allocations at ``phys`` if all may be freed (nothing changes)."""
-        return [self._freeable(s, p) for p in phys]
+    def freeable(self, s: Session, phys: I64) -> tuple[I64, I64]:
+        """The (pfns, orders) of ``s``'s allocations at ``phys`` if all may be freed now.
 
-    def free_pfns(self, s: Session, pfns: Sequence[int]) -> None:
-        """Free allocations :meth:`freeable` accepted."""
-        self._free_blocks(s, list(pfns))
+        Nothing changes; a batch naming one folio twice is refused when it is
+        freed (:meth:`free_blocks`), before anything changes.
+        """
+        bad = (phys % PAGE_SIZE != 0) | (phys < self.region.base) | (phys >= self.region.end)
+        if bad.any():
+            p = int(phys[np.flatnonzero(bad)[0]])
+            self._pfn(p)  # names the fault
+        pfns = phys >> PAGE_SHIFT
+        orders = s.owned.find_orders(pfns)
+        if orders.size and int(orders.min()) < 0:
+            p = int(phys[np.flatnonzero(orders < 0)[0]])
+            raise enoent(f"session {s.name!r} has no allocation starting at {p:#x}")
+        held = s.tracker.overlap_mask(pfns, orders)
+        if held.any():
+            i = int(np.flatnonzero(held)[0])
+            raise ebusy(
+                f"folio {int(phys[i]):#x} order {int(orders[i])} holds preserved memory; "
+                "unpreserve first"
+            )
+        c = self.committed
+        if c is not None:
+            held = c.tracker.overlap_mask(pfns, orders)
+            if held.any():
+                i = int(np.flatnonzero(held)[0])
+                raise ebusy(
+                    f"folio {int(phys[i]):#x} order {int(orders[i])} is part of the committed "
+                    f"handover of generation {c.record.generation}; it stays until unfreeze"
+                )
+        return pfns, orders
 
     def free_folios(self, s: Session, phys: I64) -> int:
-        pfns = self.freeable(s, phys.tolist())
-        if len(set(pfns)) != len(pfns):
-            raise einval("free_folios: the same folio appears twice")
-        self._free_blocks(s, pfns)
-        return len(pfns)
+        pfns, orders = self.freeable(s, phys)
+        self.free_blocks(s, pfns, orders)
+        return int(pfns.size)
 
     def check_quota(self, s: Session, nbytes: int) -> None:
         """Refuse now what an allocation of ``nbytes`` would refuse (for sliced requests)."""
@@ -411,7 +417,7 @@ class Engine:
         self._editable("preservation")
         pfn = self._pfn(phys)
         if order is None:
-            order = s.allocs.get(pfn)
+            order = s.order_of(pfn)
             if order is None:
                 raise einval(f"{phys:#x} is not the start of an allocation: give the order")
         if pfn & ((1 << order) - 1):
@@ -437,7 +443,7 @@ class Engine:
     def preserve_folios(self, s: Session, phys: I64, orders: int | I64 | None) -> int:
         self._editable("preservation")
         pfns = self._batch_pfns(phys)
-        ords = self._batch_orders(pfns, orders, s.allocs.get, _NOT_ALLOCATED)
+        ords = self._batch_orders(pfns, orders, s.owned, _NOT_ALLOCATED)
         npages = np.int64(1) << (ords if isinstance(ords, np.ndarray) else np.int64(ords))
         owned = s.owned_mask(pfns, np.broadcast_to(npages, pfns.shape))
         if not owned.all():
@@ -451,7 +457,7 @@ class Engine:
     def unpreserve_folios(self, s: Session, phys: I64, orders: int | I64 | None) -> int:
         self._editable("preservation")
         pfns = self._batch_pfns(phys)
-        ords = self._batch_orders(pfns, orders, s.tracker.find_order, _NOT_PRESERVED)
+        ords = self._batch_orders(pfns, orders, s.tracker, _NOT_PRESERVED)
         n = s.tracker.unpreserve_folios(pfns, ords)
         self._count(("out", s.key), s.tracker)
         return n
@@ -579,24 +585,31 @@ class Engine:
         s.add_alloc(pfn, order)
         return order
 
-    def restorable(self, s: Session, pfns: Sequence[int]) -> list[int]:
-        """The orders of incoming folios of ``s`` at ``pfns``, if all can be restored."""
+    def restorable(self, s: Session, pfns: I64) -> I64:
+        """The orders of incoming folios of ``s`` starting at ``pfns``, if all can be restored."""
         inc = self._incoming_of(s)
-        orders = []
-        for pfn in pfns:
-            order = inc.unclaimed.find_order(pfn)
-            if order is None:
-                raise self._not_incoming(s, pfn)
-            orders.append(order)
+        orders = inc.unclaimed.find_orders(pfns)
+        if orders.size and int(orders.min()) < 0:
+            raise self._not_incoming(s, int(pfns[np.flatnonzero(orders < 0)[0]]))
         return orders
 
-    def claim(self, s: Session, pfns: list[int], orders: list[int]) -> None:
-        """Restore incoming folios :meth:`restorable` accepted."""
+    def claim(self, s: Session, pfns: I64, orders: I64) -> None:
+        """Restore incoming folios :meth:`restorable` accepted; all or none.
+
+        The incoming set is updated first: it refuses a batch that names a
+        folio twice before anything else changes.
+        """
         inc = self._incoming_of(s)
-        for pfn, order in zip(pfns, orders, strict=True):
-            self.allocator.claim(pfn, order)
+        try:
+            inc.unclaimed.unpreserve_folios(pfns, orders)
+        except KhoError as e:
+            raise einval(f"restore_folios: {e.message}") from None
+        try:
+            self.allocator.claim_many(pfns, orders)
+        except BaseException:
+            inc.unclaimed.preserve_folios(pfns, orders)
+            raise
         s.add_allocs(pfns, orders)
-        inc.unclaimed.unpreserve_folios(pfns, orders)
         self._count(("in", s.key), inc.unclaimed)
 
     def restore_pfns(self, phys: I64) -> I64:
@@ -606,11 +619,9 @@ class Engine:
             raise einval(f"phys {int(phys.max()):#x} is outside the region")
         return pfns
 
-    def restore_folios(self, s: Session, phys: I64) -> list[int]:
+    def restore_folios(self, s: Session, phys: I64) -> I64:
         """Restore many incoming folios; every one is checked before any is taken."""
-        pfns = self.restore_pfns(phys).tolist()
-        if len(set(pfns)) != len(pfns):
-            raise einval("restore_folios: the same folio appears twice")
+        pfns = self.restore_pfns(phys)
         orders = self.restorable(s, pfns)
         self.claim(s, pfns, orders)
         return orders
@@ -703,15 +714,24 @@ class Engine:
             self.allocator.unreserve_pages(pfn, npages)
         self.pending = None
 
-    def _free_blocks(self, s: Session, pfns: list[int]) -> None:
-        """Give ``s``'s allocations back; freeing handed-over memory takes the handover over."""
+    def free_blocks(self, s: Session, pfns: I64, orders: I64) -> None:
+        """Give ``s``'s allocations back (:meth:`freeable` said they may go); all or none.
+
+        The session's own set goes first: it refuses a batch naming a folio
+        twice before anything changes. Freeing handed-over memory takes the
+        handover over; the pages are punched out of the session's file.
+        """
+        if pfns.size == 0:
+            return
+        try:
+            s.drop_allocs(pfns, orders)
+        except KhoError as e:
+            raise einval(f"free_folios: {e.message}") from None
         p = self.pending
-        if p is not None and any(p.folios.intersects(pfn, 1 << s.allocs[pfn]) for pfn in pfns):
+        if p is not None and p.folios.overlap_mask(pfns, orders).any():
             self._take_over()
-        for pfn in pfns:
-            self.allocator.free(pfn)
-        orders = s.drop_allocs(pfns)
-        self.memory.punch(s.key, runs_of(list(zip(pfns, orders, strict=True))))
+        starts, ends = self.allocator.free_blocks(pfns, orders)
+        self.memory.punch(s.key, list(zip(starts.tolist(), (ends - starts).tolist(), strict=True)))
 
     # ================================================================= the lifecycle's levers
 

@@ -17,7 +17,6 @@ from khod.kho.handover import SESSION_PROPS
 from khod.kho.tracker import Tracker
 from khod.kho.tree import Node, Tree, TreeBudget, TreeLimits
 from khod.pages import I64, NR_ORDERS, folio_bytes
-from khod.pfnmap import PfnMap
 
 
 @dataclass
@@ -45,8 +44,7 @@ class Session:
         self.uid = uid
         self.persistent = persistent
         self.tracker = Tracker()
-        self.allocs = PfnMap()  # head pfn -> order: allocated or restored
-        self.owned = Tracker()  # the same folios as bitmaps, for vectorized ownership checks
+        self.owned = Tracker()  # what it allocated or restored, as folios (batches vectorized)
         self.tree = Tree(limits=limits, reserved_props=SESSION_PROPS, budget=budget)
         self.connections: set[int] = set()
         self.incoming: IncomingState | None = None
@@ -55,37 +53,48 @@ class Session:
 
     # ----------------------------------------------------------------- ownership
 
+    def order_of(self, pfn: int) -> int | None:
+        """The order of this session's folio starting at ``pfn``, if it has one there."""
+        return self.owned.find_order(pfn)
+
     def add_alloc(self, pfn: int, order: int) -> None:
         self.owned.preserve_folio(pfn, order)
-        self.allocs[pfn] = order
         self._bytes += folio_bytes(order)
         self._runs = None
 
-    def add_allocs(self, pfns: list[int], orders: list[int]) -> None:
+    def add_allocs(self, pfns: I64, orders: I64 | int) -> None:
         """Many folios at once (one vectorized update of the bitmaps)."""
         self.owned.preserve_folios(pfns, orders)
-        self.allocs.update(zip(pfns, orders, strict=True))
-        self._bytes += sum(folio_bytes(o) for o in orders)
+        self._bytes += _bytes_of(pfns, orders)
         self._runs = None
 
     def drop_alloc(self, pfn: int) -> int:
-        order = self.allocs.pop(pfn)
+        order = self.owned.find_order(pfn)
+        if order is None:
+            raise KeyError(pfn)
         self.owned.unpreserve_folio(pfn, order)
         self._bytes -= folio_bytes(order)
         self._runs = None
         return order
 
-    def drop_allocs(self, pfns: list[int]) -> list[int]:
-        orders = [self.allocs.pop(p) for p in pfns]
+    def drop_allocs(self, pfns: I64, orders: I64 | int) -> None:
         self.owned.unpreserve_folios(pfns, orders)
-        self._bytes -= sum(folio_bytes(o) for o in orders)
+        self._bytes -= _bytes_of(pfns, orders)
         self._runs = None
-        return orders
+
+    def folios(self) -> tuple[I64, I64]:
+        """Everything it holds: (pfns, orders)."""
+        parts = [(self.owned.folios(o), o) for o in self.owned.orders]
+        if not parts:
+            return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64)
+        pfns = np.concatenate([p for p, _ in parts])
+        orders = np.concatenate([np.full(p.size, o, dtype=np.int64) for p, o in parts])
+        return pfns, orders
 
     def _alloc_containing(self, pfn: int) -> tuple[int, int] | None:
         for order in range(NR_ORDERS):
             head = pfn & ~((1 << order) - 1)
-            if self.allocs.get(head) == order:
+            if self.owned.contains(head, order):
                 return head, order
         return None
 
@@ -102,16 +111,7 @@ class Session:
     def owned_runs(self) -> tuple[I64, I64]:
         """Owned memory as coalesced (start, end) pfn runs, ascending (cached)."""
         if self._runs is None:
-            n = len(self.allocs)
-            heads = np.fromiter(self.allocs.keys(), dtype=np.int64, count=n)
-            orders = np.fromiter(self.allocs.values(), dtype=np.int64, count=n)
-            perm = np.argsort(heads)
-            starts, ends = heads[perm], heads[perm] + (np.int64(1) << orders[perm])
-            if n:
-                keep = np.concatenate(([True], starts[1:] != ends[:-1]))
-                last = np.concatenate((np.flatnonzero(keep)[1:] - 1, [n - 1]))
-                starts, ends = starts[keep], ends[last]
-            self._runs = (starts, ends)
+            self._runs = self.owned.page_runs()
         return self._runs
 
     def owned_mask(self, pfns: I64, npages: I64) -> npt.NDArray[np.bool_]:
@@ -122,7 +122,7 @@ class Session:
         spanning several allocations go through the coalesced runs.
         """
         out = np.zeros(pfns.shape, dtype=bool)
-        if not self.allocs or pfns.size == 0:
+        if not self.owned or pfns.size == 0:
             return out
         folio = ((npages & (npages - 1)) == 0) & ((pfns & (npages - 1)) == 0)
         for n in np.unique(npages[folio]).tolist():
@@ -166,3 +166,9 @@ class Peer:
     @property
     def is_root(self) -> bool:
         return self.uid == 0
+
+
+def _bytes_of(pfns: I64, orders: I64 | int) -> int:
+    if isinstance(orders, int | np.integer):
+        return int(pfns.size) * folio_bytes(int(orders))
+    return int((np.int64(1) << np.asarray(orders, dtype=np.int64)).sum()) * folio_bytes(0)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import copy
+
 import numpy as np
 import pytest
-from hypothesis import settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
@@ -205,3 +208,132 @@ class AllocatorMachine(RuleBasedStateMachine):
 
 TestAllocatorModel = AllocatorMachine.TestCase
 TestAllocatorModel.settings = settings(max_examples=40, stateful_step_count=40, deadline=None)
+
+
+# ------------------------------------------------------------------ batches against the scalar path
+
+
+def _state(a: Allocator) -> tuple[object, ...]:
+    """Everything that decides what the allocator does next."""
+    return (
+        [set(s) for s in a._main.free],
+        [set(s) for s in a._scratch.free],
+        dict(a.reserved),
+        [(o, a.allocated.folios(o).tolist()) for o in a.allocated.orders],
+        a.usage(),
+    )
+
+
+@st.composite
+def fragmented(draw: st.DrawFn) -> tuple[Allocator, dict[int, int]]:
+    """An allocator after a random history of allocations, frees and reservations."""
+    a, allocs = fresh(), {}
+    for _ in range(draw(st.integers(0, 30))):
+        what = draw(st.sampled_from(["alloc", "alloc", "free", "reserve"]))
+        if what == "alloc":
+            order = draw(st.integers(0, 9))
+            with contextlib.suppress(KhoError):
+                allocs[a.alloc(order)] = order
+        elif what == "free" and allocs:
+            pfn = draw(st.sampled_from(sorted(allocs)))
+            a.free(pfn)
+            del allocs[pfn]
+        elif what == "reserve":
+            start, n = draw(st.integers(BASE, BASE + PAGES - 1400)), draw(st.integers(1, 300))
+            with contextlib.suppress(KhoError):
+                a.reserve_pages(start, n)
+    return a, allocs
+
+
+@settings(max_examples=150, deadline=None)
+@given(fragmented(), st.integers(0, 10), st.integers(1, 3000), st.booleans())
+def test_alloc_many_gives_what_as_many_allocs_give(
+    setup: tuple[Allocator, dict[int, int]], order: int, count: int, scratch: bool
+) -> None:
+    a, _ = setup
+    a.set_scratch_only(scratch)
+    b = copy.deepcopy(a)
+    try:
+        one_by_one = [b.alloc(order) for _ in range(count)]
+    except KhoError:
+        with pytest.raises(KhoError) as e:
+            a.alloc_many(order, count)
+        assert e.value.code is Errno.ENOMEM
+        b2 = copy.deepcopy(a)
+        assert _state(a) == _state(b2)  # and nothing changed
+        return
+    assert a.alloc_many(order, count).tolist() == one_by_one
+    assert _state(a) == _state(b)
+
+
+@settings(max_examples=150, deadline=None)
+@given(fragmented(), st.data())
+def test_free_blocks_leaves_what_frees_one_by_one_leave(
+    setup: tuple[Allocator, dict[int, int]], data: st.DataObject
+) -> None:
+    a, allocs = setup
+    more = a.alloc_many(0, data.draw(st.integers(0, 600)))  # a big run to free as well
+    allocs.update(dict.fromkeys(more.tolist(), 0))
+    a.set_scratch_only(True)  # and blocks of scratch, maybe next to the main pool's
+    allocs.update(dict.fromkeys(a.alloc_many(0, data.draw(st.integers(0, 40))).tolist(), 0))
+    a.set_scratch_only(False)
+    chosen = data.draw(
+        st.lists(st.sampled_from(sorted(allocs)), unique=True) if allocs else st.just([])
+    )
+    b = copy.deepcopy(a)
+    for pfn in chosen:
+        b.free(pfn)
+    a.free_blocks(
+        np.array(chosen, dtype=np.int64), np.array([allocs[p] for p in chosen], dtype=np.int64)
+    )
+    assert _state(a) == _state(b)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.data())
+def test_claim_many_leaves_what_claims_one_by_one_leave(data: st.DataObject) -> None:
+    a = fresh()
+    start = BASE + data.draw(st.integers(1, 2000))
+    n = data.draw(st.integers(1, 6000))
+    a.reserve_pages(start, n)
+    folios: list[tuple[int, int]] = []  # aligned folios inside the run, a random subset
+    at = start
+    while at < start + n:
+        order = data.draw(st.integers(0, 6))
+        while order and (at % (1 << order) or at + (1 << order) > start + n):
+            order -= 1
+        if data.draw(st.booleans()):
+            folios.append((at, order))
+        at += 1 << order
+    b = copy.deepcopy(a)
+    for pfn, order in folios:
+        b.claim(pfn, order)
+    order_list = data.draw(st.permutations(folios))
+    a.claim_many(
+        np.array([p for p, _ in order_list], dtype=np.int64),
+        np.array([o for _, o in order_list], dtype=np.int64),
+    )
+    assert _state(a) == _state(b)
+
+
+def test_claim_many_refuses_what_is_not_reserved_and_changes_nothing() -> None:
+    a = fresh()
+    a.reserve_pages(BASE + 64, 64)
+    before = _state(a)
+    with pytest.raises(KhoError, match="not all reserved"):
+        a.claim_many(np.array([BASE + 64, BASE + 128], dtype=np.int64), np.array([0, 0]))
+    assert _state(a) == before
+    with pytest.raises(KhoError, match="overlap"):
+        a.claim_many(np.array([BASE + 64, BASE + 64], dtype=np.int64), np.array([1, 0]))
+    assert _state(a) == before
+
+
+def test_free_blocks_refuses_what_is_not_allocated_and_changes_nothing() -> None:
+    a = fresh()
+    got = a.alloc_many(0, 10)
+    before = _state(a)
+    with pytest.raises(KhoError, match="not an allocated block"):
+        a.free_blocks(np.append(got, got[-1] + 1), 0)
+    with pytest.raises(KhoError, match="not an allocated block"):
+        a.free_blocks(np.append(got, got[0]), 0)  # twice
+    assert _state(a) == before

@@ -172,7 +172,8 @@ class Tracker:
             if o.size and int(o.max()) > MAX_ORDER:
                 raise einval(f"order {int(o.max())} is outside 0..{MAX_ORDER}")
             used = np.flatnonzero(np.bincount(o, minlength=1)).tolist() if o.size else []
-            groups = [(u, p[o == u]) for u in used]  # bincount: no sort of a million orders
+            # bincount: no sort of a million orders; one order (the usual batch): no masks
+            groups = [(used[0], p)] if len(used) == 1 else [(u, p[o == u]) for u in used]
         for order, g in groups:
             if order:
                 bad = np.flatnonzero(g & np.int64((1 << order) - 1))
@@ -264,6 +265,32 @@ class Tracker:
                 out[rest] = bm.test(pfns[rest] >> bm.order)
         return out
 
+    def find_orders(self, pfns: I64) -> I64:
+        """Vectorized :meth:`find_order`: per pfn, the order of the folio starting there, or -1."""
+        out = np.full(pfns.shape, -1, dtype=np.int64)
+        for bm in self._active():
+            o = bm.order
+            cand = np.flatnonzero((out < 0) & ((pfns & np.int64((1 << o) - 1)) == 0))
+            if cand.size:
+                out[cand[bm.test(pfns[cand] >> o)]] = o
+        return out
+
+    def overlap_mask(self, pfns: I64, orders: I64) -> npt.NDArray[np.bool_]:
+        """Per folio ``(pfn, order)`` (aligned): does it share a page with any folio here?"""
+        out = np.zeros(pfns.shape, dtype=bool)
+        active = self._active()
+        if not active or pfns.size == 0:
+            return out
+        for order in np.flatnonzero(np.bincount(orders, minlength=1)).tolist():
+            at = np.flatnonzero(orders == order)
+            g = pfns[at]
+            hit = np.zeros(g.shape, dtype=bool)
+            for bm in active:
+                o = bm.order
+                hit |= bm.test(g >> o) if o >= order else bm.any_in(g >> o, order - o)
+            out[at] = hit
+        return out
+
     # ----------------------------------------------------------------- reading
 
     @property
@@ -341,6 +368,21 @@ class Tracker:
         first = starts[heads]
         count: I64 = ends[tails] - first
         return first << order, count
+
+    def page_runs(self) -> tuple[I64, I64]:
+        """Every page of every folio as maximal runs ``[start, end)`` of pfns, ascending."""
+        parts = [(self.runs(o), o) for o in self.orders]
+        if not parts:
+            empty = np.empty(0, dtype=np.int64)
+            return empty, empty
+        starts = np.concatenate([f for (f, _), _ in parts])
+        ends = np.concatenate([f + (c << o) for (f, c), o in parts])
+        if len(parts) > 1:
+            perm = np.argsort(starts)
+            starts, ends = starts[perm], ends[perm]
+        brk = np.flatnonzero(starts[1:] != ends[:-1]) + 1
+        last = np.concatenate((brk - 1, [ends.size - 1]))
+        return starts[np.concatenate(([0], brk))], ends[last]
 
     def iter_folios(self) -> Iterator[tuple[int, int]]:
         """``(phys, order)`` in ABI order: orders, then bitmaps, then bits ascending."""
