@@ -31,6 +31,7 @@ bench: $(STAMP)
 	$(PY) bench/rpc.py --json
 	$(PY) bench/fairness.py --json
 	$(PY) bench/memory.py --json
+	$(PY) bench/vmm_restore.py --json
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache .hypothesis

@@ -117,6 +117,15 @@ def alloc_folios(order: int, count: int) -> Call[list[Folio]]:
     )
 
 
+def alloc_folio_array(order: int, count: int) -> Call[np.ndarray[Any, np.dtype[np.uint64]]]:
+    """``alloc_folios`` for large counts: the phys of each folio as one numpy array."""
+    return Call(
+        "alloc_folios",
+        {"order": order, "count": count, "packed": True},
+        lambda r: np.frombuffer(r["phys"], dtype="<u8").astype(np.uint64),
+    )
+
+
 def free_folio(phys: int) -> Call[None]:
     return Call("free_folio", {"phys": phys}, _none)
 
@@ -196,6 +205,17 @@ def restore_folios(phys: Iterable[int] | np.ndarray[Any, Any]) -> Call[list[int]
         lambda r: (
             list(r["orders"]) if isinstance(r["orders"], bytes) else [int(o) for o in r["orders"]]
         ),
+    )
+
+
+def restore_folio_orders(
+    phys: np.ndarray[Any, Any],
+) -> Call[np.ndarray[Any, np.dtype[np.uint8]]]:
+    """``restore_folios`` for large batches: the order of each folio as one numpy array."""
+    return Call(
+        "restore_folios",
+        {"phys": np.ascontiguousarray(phys, dtype="<u8").tobytes(), "packed": True},
+        lambda r: np.frombuffer(r["orders"], dtype=np.uint8),
     )
 
 
