@@ -495,7 +495,7 @@ class Allocator:
         gap_hi = np.flatnonzero(last & (ends < bends[blk]))  # and after the last of a block
         gaps = [(int(prev_end[k]), int(pfns[k])) for k in gap_lo.tolist()]
         gaps += [(int(ends[k]), int(bends[blk[k]])) for k in gap_hi.tolist()]
-        for b in np.unique(blk).tolist():
+        for b in blk[first].tolist():  # blk ascends with the sorted pfns
             del self.reserved[int(heads[b])]
         for a, b in gaps:
             for h, o in split_range(a, b - a):

@@ -20,7 +20,8 @@ import trio
 from khod import status
 from khod.args import Args
 from khod.context import Caller, Context, Outcome
-from khod.errors import einval, enoent, eperm
+from khod.errors import KhoError, einval, enoent, eperm
+from khod.kho.tracker import Tracker
 from khod.pages import I64, PAGE_SHIFT, folio_bytes
 from khod.protocol import DEFAULT_MAX_ARRAY as LIST_MAX
 from khod.session import Session
@@ -91,42 +92,30 @@ def session_op(name: str) -> Callable[[SessionHandler], SessionHandler]:
 BATCH = 1 << 16  # folios or ranges per step of a long preservation request
 
 
-async def _checked(items: I64, check: Callable[[slice], tuple[I64, I64]]) -> tuple[I64, I64]:
-    """Run a vectorized check over a batch a step at a time; the (pfns, orders) it found.
+async def _checked(
+    n: int, check: Callable[[slice], tuple[I64, I64]], op: str
+) -> tuple[I64, I64]:
+    """Check a batch of ``n`` a step at a time; the (pfns, orders) ``check`` found.
 
-    Nothing has changed yet, so a cancelled check just ends the request.
+    Each step's folios also go into a set of their own, which refuses a
+    folio named twice across the whole batch (no sort, no array as large as
+    the region). Nothing has changed yet, so a cancelled check just ends the
+    request.
     """
     parts: list[tuple[I64, I64]] = []
-    for at in range(0, int(items.size), BATCH):
-        parts.append(check(slice(at, at + BATCH)))
+    seen = Tracker()
+    for at in range(0, n, BATCH):
+        pfns, orders = check(slice(at, at + BATCH))
+        try:
+            seen.preserve_folios(pfns, orders)
+        except KhoError:
+            raise einval(f"{op}: the same folio appears twice") from None
+        parts.append((pfns, orders))
         await trio.lowlevel.checkpoint()
     if not parts:
         empty = np.empty(0, dtype=np.int64)
         return empty, empty
     return np.concatenate([p for p, _ in parts]), np.concatenate([o for _, o in parts])
-
-
-def _no_repeats(pfns: I64, orders: I64, op: str) -> None:
-    """Refuse a batch naming a folio twice, before any step of it is applied.
-
-    Every pfn was checked to start a folio of its order, so a repeat is an
-    equal pfn, and the pfns shifted by the smallest order are still distinct
-    otherwise: a scatter into flags finds a repeat without sorting when they
-    are dense (2 MiB folios of a VMM included).
-    """
-    if pfns.size < 2:
-        return
-    pfns = pfns >> int(orders.min())
-    lo, hi = int(pfns.min()), int(pfns.max())
-    if hi - lo < 8 * pfns.size:
-        seen = np.zeros(hi - lo + 1, dtype=bool)
-        seen[pfns - lo] = True
-        repeated = int(np.count_nonzero(seen)) != pfns.size
-    else:
-        s = np.sort(pfns)
-        repeated = bool(np.any(s[1:] == s[:-1]))
-    if repeated:
-        raise einval(f"{op}: the same folio appears twice")
 
 
 async def _applied(n: int, apply: Callable[[slice], object]) -> None:
@@ -286,8 +275,7 @@ async def _free_folios(ctx: Context, s: Session, a: Args) -> Any:
     phys = a.u64s("phys", ctx.max_batch)
     a.done()
     e = ctx.engine
-    pfns, orders = await _checked(phys, lambda at: e.freeable(s, phys[at]))
-    _no_repeats(pfns, orders, "free_folios")
+    pfns, orders = await _checked(phys.size, lambda at: e.freeable(s, phys[at]), "free_folios")
     await _applied(pfns.size, lambda at: e.free_blocks(s, pfns[at], orders[at]))
     return {"count": int(pfns.size)}
 
@@ -448,13 +436,12 @@ async def _restore_folios(ctx: Context, s: Session, a: Args) -> Any:
     packed = _packed(a, int(phys.size))
     a.done()
     e = ctx.engine
-    pfns = e.restore_pfns(phys)
 
     def check(at: slice) -> tuple[I64, I64]:
-        return pfns[at], e.restorable(s, pfns[at])
+        pfns = e.restore_pfns(phys[at])
+        return pfns, e.restorable(s, pfns)
 
-    pfns, orders = await _checked(pfns, check)
-    _no_repeats(pfns, orders, "restore_folios")
+    pfns, orders = await _checked(phys.size, check, "restore_folios")
     await _applied(pfns.size, lambda at: e.claim(s, pfns[at], orders[at]))
     _count_restored(ctx, int((np.int64(1) << orders).sum()) << PAGE_SHIFT)
     return {"orders": orders.astype(np.uint8).tobytes() if packed else orders.tolist()}
