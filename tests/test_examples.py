@@ -38,7 +38,7 @@ def report_of(proc: subprocess.Popen[str]) -> dict[str, Any]:
 
 
 def test_vmm_and_kvstore_survive_the_handover(shm_dir: Path) -> None:
-    log = str(shm_dir / "kv.jsonl")
+    log = str(shm_dir / "kv.log")
     with daemon_running(shm_dir) as d:
         vmm = run_example("khoexamples.vmm", "--memory", "8M", "--vcpus", "3", sock=d.socket)
         kv = run_example("khoexamples.kvstore", "--keys", "600", "--log", log, sock=d.socket)
