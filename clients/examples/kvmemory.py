@@ -118,6 +118,16 @@ def folio_list(raw: bytes) -> list[int]:
     return np.frombuffer(raw, dtype="<u8").tolist()  # type: ignore[no-any-return]
 
 
+def _folios(client: Client, tree: str) -> list[int] | None:
+    """The ``folios`` property of the session's incoming or outgoing tree, if it has one."""
+    try:
+        return folio_list(client.get_prop(NODE, "folios", tree=tree))
+    except KhoError as exc:
+        if exc.code != Errno.ENOENT:
+            raise
+        return None
+
+
 def map_runs(c: Client, phys: list[int], size: int) -> list[memoryview]:
     """One view per folio of ``size`` bytes, one mmap per run of physically adjacent ones."""
     views: list[memoryview] = []
@@ -157,6 +167,7 @@ class KhoMemory:
         self.max_index_order = MAX_ORDER
         self.armed = armed
         self.restored_at: float | None = None  # when restore_folios returned
+        self.phases: dict[str, float] = {}  # how long a warm start's steps took
         self._published: bytes | None = None
         if published:
             self._published = np.asarray(self.folios(), dtype="<u8").tobytes()
@@ -176,42 +187,45 @@ class KhoMemory:
     def find(cls, client: Client) -> KhoMemory | None:
         """This session's store memory, if there is one; mapped in place, nothing else.
 
-        Either the memory is still this daemon's (an earlier process of the
-        store stopped or crashed: the outgoing tree names it), or it was
-        handed over (the incoming tree names it): then it is restored, in one
-        ``restore_folios``, and not preserved again until :meth:`rearm`, so
-        a warm start does only this before it serves.
+        Either it was handed over (the incoming tree names it): then it is
+        restored, in one ``restore_folios``, and not preserved again until
+        :meth:`rearm`, so a warm start does only this before it serves. Or
+        it is still this daemon's: an earlier process of the store stopped
+        or crashed, and the outgoing tree names it.
         """
-        try:
-            return cls.adopt(client, folio_list(client.get_prop(NODE, "folios", tree="out")))
-        except KhoError as exc:
-            if exc.code != Errno.ENOENT:
-                raise
-        if not client.hello_info.get("incoming"):
-            return None
-        try:
-            raw = client.get_prop(NODE, "folios")
-        except KhoError as exc:
-            if exc.code != Errno.ENOENT:
-                raise
-            return None
-        phys = folio_list(raw)
-        try:
-            folios = client.restore_folios(phys)
-        except KhoError as exc:
-            if exc.code != Errno.ENOENT:
-                raise
+        handed: list[int] | None = None
+        if client.hello_info.get("incoming"):
+            handed = _folios(client, "in")
+        if handed is not None:
+            t0 = time.perf_counter()
+            try:
+                folios = client.restore_folios(handed)
+            except KhoError as exc:
+                if exc.code != Errno.ENOENT:
+                    raise
+            else:
+                t1 = time.perf_counter()
+                orders = [f.order for f in folios]
+                if orders[0] != 0 or any(o != SEGMENT_ORDER for o in orders[2:]):
+                    raise damaged(
+                        f"restored folio orders {orders[:4]}...: expected a page, the index, "
+                        f"then order {SEGMENT_ORDER}"
+                    )
+                mem = cls(client, folios[0], folios[1], [f.phys for f in folios[2:]], armed=False)
+                mem.restored_at = time.time()
+                mem.phases = {
+                    "restore_ms": (t1 - t0) * 1e3,
+                    "map_ms": (time.perf_counter() - t1) * 1e3,
+                }
+                return mem
+        own = _folios(client, "out")
+        if own is not None:
+            return cls.adopt(client, own)
+        if handed is not None:
             # restored by an earlier process of this store that stopped before
             # it preserved them again: they are this session's, as they are
-            return cls.adopt(client, phys, armed=False)
-        orders = [f.order for f in folios]
-        if orders[0] != 0 or any(o != SEGMENT_ORDER for o in orders[2:]):
-            raise damaged(
-                f"restored folio orders {orders[:4]}...: expected a page, the index, then order {SEGMENT_ORDER}"
-            )
-        mem = cls(client, folios[0], folios[1], [f.phys for f in folios[2:]], armed=False)
-        mem.restored_at = time.time()
-        return mem
+            return cls.adopt(client, handed, armed=False)
+        return None
 
     @classmethod
     def adopt(cls, client: Client, phys: list[int], armed: bool = True) -> KhoMemory:

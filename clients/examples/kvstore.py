@@ -3,27 +3,29 @@
     python -m khoexamples.kvstore [--keys N] [--value-size 400 | 200-4000] [--churn] [--once]
     python -m khoexamples.kvstore --serve [--cold]     # JSON lines on stdin/stdout
 
-The store (:mod:`kvdb`) keeps a hash table of 16-byte slots and its records
-in khod folios (a superblock page, one index folio, 2 MiB data segments)
-and appends every record to an on-disk log as well. At start it opens, in
-this order of preference:
+The store (:mod:`kvdb`; docs/kvstore.md) keeps a hash table of 16-byte
+slots and its records in khod folios (a superblock page, one index folio,
+2 MiB data segments) and appends every record to an on-disk log as well. At
+start it opens the first that applies:
 
-* **warm**: the session has incoming memory. Read ``/kvstore/folios`` from
-  the incoming tree, ``restore_folios`` them, map them, check the
+* **warm**: the session's tree names the store's folios -- its outgoing
+  tree (an earlier process of the store stopped) or its incoming one (a
+  handover). ``restore_folios`` them if handed over, map them, check the
   superblock, serve. Nothing is read per key, nothing copied, nothing
   rebuilt; the folios are preserved again for the next update after the
-  first request is answered;
+  first request is answered. A table its writer left open (a crash) is
+  given back and the log replayed;
 * **cold**: the log holds records. Replay it into new preserved memory;
 * **new**: an empty store (then ``--keys`` loads the data set of :mod:`kvdata`).
 
-``--cold`` replays the log into anonymous memory without khod at all: the
-store as it would start without KHO, the baseline. A warm start measures
-its own cold start the same way and reports both.
+``--cold`` (with ``--serve``) replays the log into anonymous memory without
+khod at all: the store as it would start without KHO, the baseline. A warm
+start measures its own cold start the same way and reports both.
 
 Subscribed to the notifiers: FINALIZE seals the table (writes pause, the
-superblock is marked sealed with a fresh CRC, the log is flushed); UNFREEZE
-lets writes go on. A warm start refuses (exit status 3) a table that is
-damaged or was not sealed, naming the fault.
+superblock is marked sealed with a fresh CRC); UNFREEZE lets writes go on;
+a clean stop seals too. A warm start refuses (exit status 3) a table that
+is damaged, naming the fault.
 
 ``--serve`` answers one JSON object per line on stdin, after printing
 ``{"ready": true}``: ``open``, ``get``/``put``/``delete`` (``key`` a
@@ -296,12 +298,19 @@ class Server:
         t0 = time.perf_counter()
         if not self.args.cold:
             self.client = connect(self.args.socket, self.args.session, self.args.wait)
+        connected = time.perf_counter()
         self.store, mode, _ = open_store(self.client, self.args.log)
         if self.client is not None:
             threading.Thread(target=self.arm, args=(self.client, self.store), daemon=True).start()
         else:
             self.armed.set()
-        return {"mode": mode, "keys": len(self.store), "open_ms": (time.perf_counter() - t0) * 1e3}
+        return {
+            "mode": mode,
+            "keys": len(self.store),
+            "open_ms": (time.perf_counter() - t0) * 1e3,
+            "hello_ms": (connected - t0) * 1e3,
+            **getattr(self.store.mem, "phases", {}),
+        }
 
     def arm(self, c: Client, store: Store) -> None:
         """Preserve again and subscribe, once the first request is answered (or soon anyway).
