@@ -279,8 +279,9 @@ def test_a_damaged_record_is_refused_not_served() -> None:
 
 def test_replay_rebuilds_what_was_written(tmp_path: Path) -> None:
     s = new_store(tmp_path)
+    rng = random.Random(5)
     for i in range(3000):
-        s.put(b"k%d" % i, os.urandom(i % 700))
+        s.put(b"k%d" % i, rng.randbytes(i % 700))
     for i in range(0, 3000, 4):
         s.delete(b"k%d" % i)
     for i in range(1, 3000, 5):
@@ -655,3 +656,25 @@ def test_memory_restored_by_a_process_that_died_is_attached_as_it_is(shm_dir: Pa
         r = report_of(p)
         assert finish(p)[0] == 0
         assert r["mode"] == "resume" and r["keys_served"] == 200 and r["keys_wrong"] == 0
+
+
+def test_a_damaged_log_is_refused_and_leaves_no_memory_behind(shm_dir: Path) -> None:
+    log = shm_dir / "kv.log"
+    with daemon_running(shm_dir) as d:
+        p = kv(d.socket, "--keys", "2000", "--value-size", "2000", log=log)
+        report_of(p)
+        with d.client() as op:
+            op.drop_session("kvstore")  # the memory is gone: the next start replays the log
+        p.kill()
+        finish(p)
+        with open(log, "r+b") as f:
+            f.seek(4096)
+            f.write(b"\xff" * 8)
+        p = kv(d.socket, "--keys", "2000", "--value-size", "2000", log=log)
+        rc, err = finish(p)
+        assert rc == 3 and "refused to start: EBADMSG: log" in err and "fails its crc32" in err
+        with d.client() as op:
+            (s,) = op.status()["sessions"]
+        assert s["allocated_bytes"] == 0 and s["preserved_bytes"] == 0
+        with d.client("kvstore", persistent=True) as c:
+            assert c.get_node("/", tree="out").children == []

@@ -237,9 +237,12 @@ class KhoMemory:
     def discard(self) -> None:
         """Give every folio back to khod and drop the subtree (the store starts afresh)."""
         c = self.client
-        phys = self.folios()
+        held = [(self.sb_phys, 0)] + [(p, SEGMENT_ORDER) for p in self.seg_phys]
+        if self.index is not None:
+            held.append((self.index_phys, self.index_order))
+        phys, orders = [p for p, _ in held], [o for _, o in held]
         if self.armed:
-            c.unpreserve_folios(phys, [0, self.index_order] + [SEGMENT_ORDER] * len(self.seg_phys))
+            c.unpreserve_folios(phys, orders)
         if self._published is not None:
             c.remove_node(NODE)
         self.close()
@@ -294,7 +297,9 @@ class KhoMemory:
         return [self.sb_phys, self.index_phys, *self.seg_phys]
 
     def publish(self) -> None:
-        """Make the subtree describe the folios as they are now."""
+        """Make the subtree describe the folios as they are now (once there is an index)."""
+        if self.index is None:
+            return
         raw = np.asarray(self.folios(), dtype="<u8").tobytes()
         if raw == self._published:
             return

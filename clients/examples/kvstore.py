@@ -74,10 +74,21 @@ def open_store(c: Client | None, log: str) -> tuple[Store, str, float | None]:
         except BaseException:
             mem.close()
             raise
-    mem = KhoMemory.create(c)
     if os.path.exists(log) and os.path.getsize(log):
-        return Store.replay(mem, log), "cold", None
-    return Store.create(mem, Log.create(log)), "new", None
+        mem = KhoMemory.create(c)
+        try:
+            return Store.replay(mem, log), "cold", None
+        except BaseException:
+            mem.discard()  # a log refused leaves no memory behind
+            raise
+    new = Log.create(log)
+    mem = KhoMemory.create(c)
+    try:
+        return Store.create(mem, new), "new", None
+    except BaseException:
+        new.close()
+        mem.discard()
+        raise
 
 
 def load(store: Store, data: Dataset) -> None:
