@@ -678,3 +678,22 @@ def test_a_damaged_log_is_refused_and_leaves_no_memory_behind(shm_dir: Path) -> 
         assert s["allocated_bytes"] == 0 and s["preserved_bytes"] == 0
         with d.client("kvstore", persistent=True) as c:
             assert c.get_node("/", tree="out").children == []
+
+
+def test_sigterm_stops_a_serving_store_cleanly(shm_dir: Path) -> None:
+    log = shm_dir / "kv.log"
+    with daemon_running(shm_dir) as d:
+        p = kv(d.socket, "--serve", log=log)
+        assert p.stdin is not None and p.stdout is not None
+        p.stdin.write('{"op": "open"}\n{"op": "put", "key": "k", "value": "AQI="}\n')
+        p.stdin.flush()
+        assert [json.loads(p.stdout.readline()).get("ok") for _ in range(3)] == [None, True, True]
+        p.send_signal(signal.SIGTERM)
+        assert finish(p)[0] == 0
+        p = kv(d.socket, "--serve", log=log)
+        assert p.stdin is not None and p.stdout is not None
+        p.stdin.write('{"op": "open"}\n{"op": "get", "key": "k"}\n{"op": "quit"}\n')
+        p.stdin.flush()
+        lines = [json.loads(x) for x in p.stdout][1:]
+        assert lines[0]["mode"] == "warm" and lines[1] == {"ok": True, "value": "AQI="}
+        assert finish(p)[0] == 0

@@ -239,37 +239,58 @@ class Server:
         self.store: Store | None = None
         self.served = threading.Event()  # the first request after open was answered
         self.armed = threading.Event()
+        self.busy = False  # answering a request
+        self.stopping = False
 
     def send(self, msg: dict[str, Any]) -> None:
         sys.stdout.write(json.dumps(msg) + "\n")
         sys.stdout.flush()
 
     def run(self) -> int:
+        """Serve until ``quit``, the end of stdin or SIGTERM; then stop cleanly (sealed)."""
+        signal.signal(signal.SIGTERM, self.on_sigterm)
         self.send({"ready": True})
-        for line in sys.stdin:
-            if not line.strip():
-                continue
-            try:
-                req = json.loads(line)
-                if not isinstance(req, dict):
-                    raise KvError("EINVAL", "a request is a JSON object")
-                reply = {"ok": True, **self.handle(req)}
-            except KvError as exc:
-                reply = {"ok": False, "error": {"code": exc.code, "message": exc.message}}
-            except KhoError as exc:
-                reply = {"ok": False, "error": {"code": str(exc.code), "message": exc.message}}
-            except (ValueError, TypeError) as exc:
-                reply = {"ok": False, "error": {"code": "EINVAL", "message": str(exc)}}
-            self.send(reply)
-            if isinstance(req, dict) and req.get("op") != "open":
-                self.served.set()
-            if isinstance(req, dict) and req.get("op") == "quit":
-                break
-        if self.store is not None:
-            self.store.close()
-        if self.client is not None:
-            self.client.close()
+        try:
+            for line in sys.stdin:
+                if not line.strip():
+                    continue
+                self.busy = True
+                op = self.answer(line)
+                self.busy = False
+                if op != "open":
+                    self.served.set()
+                if op == "quit" or self.stopping:
+                    break
+        finally:
+            if self.store is not None:
+                self.store.close()
+            if self.client is not None:
+                self.client.close()
         return 0
+
+    def on_sigterm(self, *_: object) -> None:
+        """Stop between requests, never inside one: a sealed table has no write half done."""
+        self.stopping = True
+        if not self.busy:
+            sys.exit(0)
+
+    def answer(self, line: str) -> object:
+        """Reply to one request line; returns its op."""
+        op: object = None
+        try:
+            req = json.loads(line)
+            if not isinstance(req, dict):
+                raise KvError("EINVAL", "a request is a JSON object")
+            op = req.get("op")
+            reply = {"ok": True, **self.handle(req)}
+        except KvError as exc:
+            reply = {"ok": False, "error": {"code": exc.code, "message": exc.message}}
+        except KhoError as exc:
+            reply = {"ok": False, "error": {"code": str(exc.code), "message": exc.message}}
+        except (ValueError, TypeError) as exc:
+            reply = {"ok": False, "error": {"code": "EINVAL", "message": str(exc)}}
+        self.send(reply)
+        return op
 
     def handle(self, req: dict[str, Any]) -> dict[str, Any]:
         op = req.get("op")
@@ -307,7 +328,7 @@ class Server:
         if self.store is not None:
             raise KvError("EINVAL", "the store is already open")
         t0 = time.perf_counter()
-        if not self.args.cold:
+        if not self.args.cold and self.client is None:
             self.client = connect(self.args.socket, self.args.session, self.args.wait)
         connected = time.perf_counter()
         self.store, mode, _ = open_store(self.client, self.args.log)
@@ -326,8 +347,9 @@ class Server:
     def arm(self, c: Client, store: Store) -> None:
         """Preserve again and subscribe, once the first request is answered (or soon anyway).
 
-        A warm start serves before it does this; the memory is at no risk
-        meanwhile, as khod holds restored folios for the session.
+        A warm start serves before it does this. Until it is done (at most
+        ``ARM_AFTER_S`` after open, plus the calls) a finalize would not
+        carry the store; khod keeps the restored folios with the session.
         """
         self.served.wait(ARM_AFTER_S)
         try:
