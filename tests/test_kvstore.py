@@ -697,3 +697,23 @@ def test_sigterm_stops_a_serving_store_cleanly(shm_dir: Path) -> None:
         lines = [json.loads(x) for x in p.stdout][1:]
         assert lines[0]["mode"] == "warm" and lines[1] == {"ok": True, "value": "AQI="}
         assert finish(p)[0] == 0
+
+
+def test_a_full_region_is_a_clear_error_and_the_store_goes_on(shm_dir: Path) -> None:
+    log = shm_dir / "kv.log"
+    with daemon_running(shm_dir) as d:  # a 256 MiB region: the data set does not fit
+        p = kv(d.socket, "--serve", "--keys", "70000", "--value-size", "4000", log=log)
+        assert p.stdin is not None and p.stdout is not None
+        p.stdin.write('{"op": "open"}\n{"op": "load"}\n{"op": "get", "key": "key-0000000001"}\n')
+        p.stdin.write('{"op": "stats"}\n{"op": "quit"}\n')
+        p.stdin.flush()
+        lines = [json.loads(x) for x in p.stdout][1:]
+        assert finish(p)[0] == 0
+        assert lines[1]["ok"] is False and lines[1]["error"]["code"] == "ENOMEM"
+        assert lines[2]["ok"] is True and base64.b64decode(lines[2]["value"])[:8] == bytes(
+            [1, 0, 0, 0, 0, 0, 0, 0]
+        )
+        kept = lines[3]["keys"]
+        assert 30000 < kept < 70000
+    c = Store.replay(AnonMemory(), str(log))  # the log holds exactly what was acknowledged
+    assert len(c) == kept

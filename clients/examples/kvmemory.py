@@ -286,12 +286,18 @@ class KhoMemory:
             raise
 
     def swap_index(self, view: memoryview, order: int, phys: int) -> None:
-        old = (self.index_phys, self.index_order) if self.index is not None else None
+        prev = (self.index, self.index_order, self.index_phys)
         self.index, self.index_order, self.index_phys = view, order, phys
-        self.publish()
-        if old is not None:
-            self.client.unpreserve_folio(old[0], old[1])
-            self.client.free_folio(old[0])
+        try:
+            self.publish()
+        except BaseException:
+            self.index, self.index_order, self.index_phys = prev
+            self.client.unpreserve_folio(phys, order)
+            self.client.free_folio(phys)
+            raise
+        if prev[0] is not None:
+            self.client.unpreserve_folio(prev[2], prev[1])
+            self.client.free_folio(prev[2])
 
     def folios(self) -> list[int]:
         return [self.sb_phys, self.index_phys, *self.seg_phys]
@@ -309,7 +315,12 @@ class KhoMemory:
             c.add_string_prop(NODE, "compatible", COMPATIBLE)
         else:
             c.remove_prop(NODE, "folios")
-        c.add_prop(NODE, "folios", raw)
+        try:
+            c.add_prop(NODE, "folios", raw)
+        except BaseException:
+            if self._published is not None:  # it fitted before: the tree says what is true
+                c.add_prop(NODE, "folios", self._published)
+            raise
         self._published = raw
 
     def rearm(self) -> None:
