@@ -31,7 +31,7 @@ bench: $(STAMP)
 	$(PY) bench/rpc.py --json
 	$(PY) bench/fairness.py --json
 	$(PY) bench/memory.py --json
-	$(PY) bench/vmm_restore.py --json
+	$(PY) bench/warm.py --json
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache .hypothesis

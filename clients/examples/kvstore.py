@@ -1,261 +1,371 @@
-"""A small key-value store that comes back warm after the live update.
+"""A key-value store whose index and data live in preserved memory, warm in milliseconds.
 
-    python -m khoexamples.kvstore [--keys 20000] [--value-size 400] [--once]
+    python -m khoexamples.kvstore [--keys N] [--value-size 400 | 200-4000] [--churn] [--once]
+    python -m khoexamples.kvstore --serve [--cold]     # JSON lines on stdin/stdout
 
-Data pages are preserved order-0 folios holding packed records
-(``u16 key length, u16 value length, key, value``). The index is rebuilt
-from a compact table kept in a preserved phys range:
+The store (:mod:`kvdb`; docs/kvstore.md) keeps a hash table of 16-byte
+slots and its records in khod folios (a superblock page, one index folio,
+2 MiB data segments) and appends every record to an on-disk log as well. At
+start it opens the first that applies:
 
-    "KVT1", u32 keys, u32 pages, u32 reserved, u64 page phys[pages],
-    then per key: u32 page, u16 offset, u16 length
+* **warm**: the session's tree names the store's folios -- its outgoing
+  tree (an earlier process of the store stopped) or its incoming one (a
+  handover). ``restore_folios`` them if handed over, map them, check the
+  superblock, serve. Nothing is read per key, nothing copied, nothing
+  rebuilt; the folios are preserved again for the next update after the
+  first request is answered. A table its writer left open (a crash) is
+  given back and the log replayed;
+* **cold**: the log holds records. Replay it into new preserved memory;
+* **new**: an empty store (then ``--keys`` loads the data set of :mod:`kvdata`).
 
-The session subtree says where the table is. As a baseline the store also
-writes its data the way it would persist without khod -- a JSON-lines log
-on disk -- and measures its own cold start from that file, so the warm vs
-cold ratio is visible.
+``--cold`` (with ``--serve``) replays the log into anonymous memory without
+khod at all: the store as it would start without KHO, the baseline. A warm
+start measures its own cold start the same way and reports both.
+
+Subscribed to the notifiers: FINALIZE seals the table (writes pause, the
+superblock is marked sealed with a fresh CRC); UNFREEZE lets writes go on;
+a clean stop seals too. A warm start refuses (exit status 3) a table that
+is damaged, naming the fault.
+
+``--serve`` answers one JSON object per line on stdin, after printing
+``{"ready": true}``: ``open``, ``get``/``put``/``delete`` (``key`` a
+string, ``value`` base64), ``load`` and ``verify`` (the data set the
+options name), ``stats``, ``sync``, ``quit``. Replies are ``{"ok": true,
+...}`` or ``{"ok": false, "error": {"code", "message"}}``.
 """
 
 from __future__ import annotations
 
-import hashlib
+import base64
 import json
 import os
 import signal
-import struct
 import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-from khoclient import Client, Folio, KhoError, NotifierEvent
+from khoclient import Client, KhoError, NotifierEvent
 
 from .common import base_args, connect, report, say
+from .kvdata import Dataset, parse_sizes
+from .kvdb import Store
+from .kvformat import KvError, Unsealed
+from .kvlog import Log
+from .kvmemory import AnonMemory, KhoMemory
 
 ROLE = "kvstore"
-PAGE = 4096
-MAGIC = b"KVT1"
-HEADER = struct.Struct("<4sIII")
-ENTRY = struct.Struct("<IHH")
-RECORD = struct.Struct("<HH")
+REFUSED = 3  # exit status: a warm start refused the preserved table
+ARM_AFTER_S = 0.05  # --serve: preserve again this long after open at the latest
 
 
-def dataset(n: int, value_size: int) -> list[tuple[bytes, bytes]]:
-    out = []
-    for i in range(n):
-        key = f"key-{i:08d}".encode()
-        seed = hashlib.sha256(key).digest()
-        out.append((key, (seed * (value_size // len(seed) + 1))[:value_size]))
-    return out
+def open_store(c: Client | None, log: str) -> tuple[Store, str, float | None]:
+    """(store, how it opened: warm, cold or new, when its memory was restored)."""
+    if c is None:
+        return Store.replay(AnonMemory(), log), "cold", None
+    mem = KhoMemory.find(c)
+    if mem is not None:
+        try:
+            return Store.attach(mem, log), "warm", mem.restored_at
+        except Unsealed as exc:
+            say(ROLE, f"{exc.message}; giving that memory back and replaying {log}")
+            mem.discard()
+        except BaseException:
+            mem.close()
+            raise
+    if os.path.exists(log) and os.path.getsize(log):
+        mem = KhoMemory.create(c)
+        try:
+            return Store.replay(mem, log), "cold", None
+        except BaseException:
+            mem.discard()  # a log refused leaves no memory behind
+            raise
+    new = Log.create(log)
+    mem = KhoMemory.create(c)
+    try:
+        return Store.create(mem, new), "new", None
+    except BaseException:
+        new.close()
+        mem.discard()
+        raise
 
 
-def pack_pages(items: list[tuple[bytes, bytes]]) -> tuple[bytearray, list[tuple[int, int, int]]]:
-    """Records packed into pages (none straddles a page); returns data and (page, offset, length)."""
-    data = bytearray()
-    where: list[tuple[int, int, int]] = []
-    page, off = 0, 0
-    for key, value in items:
-        rec = RECORD.pack(len(key), len(value)) + key + value
-        if off + len(rec) > PAGE:
-            page, off = page + 1, 0
-        if len(data) < (page + 1) * PAGE:
-            data.extend(bytes((page + 1) * PAGE - len(data)))
-        data[page * PAGE + off : page * PAGE + off + len(rec)] = rec
-        where.append((page, off, len(rec)))
-        off += len(rec)
-    return data, where
+def load(store: Store, data: Dataset) -> None:
+    for key, value in data.items():
+        if value is None:
+            store.delete(key)
+        else:
+            store.put(key, value)
 
 
-@dataclass
-class Store:
-    """The live index: key -> (page view, offset within the page)."""
-
-    index: dict[bytes, tuple[memoryview, int]]
-
-    def get(self, key: bytes) -> bytes:
-        view, off = self.index[key]
-        klen, vlen = RECORD.unpack_from(view, off)
-        return bytes(view[off + 4 + klen : off + 4 + klen + vlen])
+def verify(store: Store, data: Dataset) -> dict[str, int]:
+    served = wrong = 0
+    for key, want in data.expected():
+        if store.get(key) == want:
+            served += want is not None
+        else:
+            wrong += 1
+    return {"keys_served": served, "keys_wrong": wrong, "keys_extra": len(store) - served}
 
 
-def build_index(table: memoryview, pages: list[memoryview]) -> Store:
-    magic, nkeys, npages, _ = HEADER.unpack_from(table, 0)
-    if magic != MAGIC or npages != len(pages):
-        raise KhoError("EPROTO", "the kvstore table is damaged")
-    at = HEADER.size + 8 * npages
-    entries = np.frombuffer(
-        table,
-        dtype=np.dtype([("page", "<u4"), ("off", "<u2"), ("len", "<u2")]),
-        count=nkeys,
-        offset=at,
-    )
-    index: dict[bytes, tuple[memoryview, int]] = {}
-    unpack = RECORD.unpack_from
-    for page, off in zip(entries["page"].tolist(), entries["off"].tolist(), strict=True):
-        view = pages[page]
-        klen = unpack(view, off)[0]
-        index[view[off + 4 : off + 4 + klen].tobytes()] = (view, off)
-    return Store(index)
+def probe_key(data: Dataset) -> bytes:
+    """The key a start's first get asks for: one the data set holds (churn never deletes it)."""
+    return Dataset.key(1 if data.keys > 1 else 0)
 
 
-def map_pages(c: Client, phys: list[int]) -> list[memoryview]:
-    """One view per page, with one mmap per run of adjacent pages."""
-    views: list[memoryview] = []
-    i = 0
-    while i < len(phys):
-        j = i + 1
-        while j < len(phys) and phys[j] == phys[j - 1] + PAGE:
-            j += 1
-        run = c.map_phys(phys[i], (j - i) * PAGE)
-        views.extend(run[k * PAGE : (k + 1) * PAGE] for k in range(j - i))
-        i = j
-    return views
-
-
-def write_log(path: str, items: list[tuple[bytes, bytes]]) -> None:
-    with open(path, "w") as f:
-        for key, value in items:
-            f.write(json.dumps({"k": key.decode(), "v": value.hex()}) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def cold_start(path: str) -> tuple[float, dict[bytes, bytes]]:
-    """Reload everything from the on-disk log, as the store would without khod."""
+def cold_start_ms(log: str, key: bytes) -> float:
+    """This store's own cold start: replay its log into anonymous memory, answer one get."""
     t0 = time.perf_counter()
-    data: dict[bytes, bytes] = {}
-    with open(path) as f:
-        for line in f:
-            rec = json.loads(line)
-            data[rec["k"].encode()] = bytes.fromhex(rec["v"])
-    return time.perf_counter() - t0, data
+    cold = Store.replay(AnonMemory(), log, writable=False)
+    cold.get(key)
+    ms = (time.perf_counter() - t0) * 1e3
+    cold.close()
+    return ms
 
 
-def start(
-    c: Client, args: Any, items: list[tuple[bytes, bytes]]
-) -> tuple[Store, list[memoryview], memoryview]:
-    data, where = pack_pages(items)
-    npages = len(data) // PAGE
-    t0 = time.perf_counter()
-    folios = c.alloc_folios(0, npages)
-    pages = map_pages(c, [f.phys for f in folios])
-    for i, view in enumerate(pages):
-        view[:] = data[i * PAGE : (i + 1) * PAGE]
-    c.preserve_folios([f.phys for f in folios], 0)
-    table_bytes = HEADER.pack(MAGIC, len(items), npages, 0) + b"".join(
-        struct.pack("<Q", f.phys) for f in folios
-    )
-    table_bytes += b"".join(ENTRY.pack(p, o, n) for p, o, n in where)
-    table_size = -(-len(table_bytes) // PAGE) * PAGE
-    order = max(0, (table_size // PAGE - 1).bit_length())
-    block = c.alloc_folio(order)
-    table = c.map(block)
-    table[: len(table_bytes)] = table_bytes
-    c.preserve_phys(block.phys, table_size)  # exactly the table's pages, as a phys range
-    c.add_node("/kv")
-    c.add_prop("/kv", "table-phys", struct.pack("<Q", block.phys))
-    c.add_prop("/kv", "table-size", struct.pack("<Q", table_size))
-    c.add_prop("/kv", "keys", struct.pack("<I", len(items)))
-    store = build_index(table, pages)
-    say(
-        ROLE,
-        f"loaded {len(items)} keys into {npages} preserved pages, table {table_size >> 10} KiB as a phys range, in {(time.perf_counter() - t0) * 1e3:.0f} ms",
-    )
-    return store, pages, table
+def subscribe(c: Client, store: Store) -> None:
+    def on_finalize(ev: NotifierEvent) -> None:
+        store.seal()
+        st = store.stats()
+        say(ROLE, f"FINALIZE: writes paused, table of {st['keys']} keys sealed")
+
+    def on_unfreeze(ev: NotifierEvent) -> None:
+        store.unseal()
+        say(ROLE, "UNFREEZE: writes resumed")
+
+    c.subscribe(on_finalize=on_finalize, on_unfreeze=on_unfreeze)
 
 
-def resume(c: Client) -> tuple[Store, list[memoryview], memoryview, dict[str, Any]]:
-    t0 = time.perf_counter()
-    phys = struct.unpack("<Q", c.get_prop("/kv", "table-phys"))[0]
-    size = struct.unpack("<Q", c.get_prop("/kv", "table-size"))[0]
-    first = c.restore_phys(phys, size)
-    first_ts = time.time()
-    table = c.map(Folio(phys, max(0, (size // PAGE - 1).bit_length())))[:size]
-    npages = HEADER.unpack_from(table, 0)[2]
-    page_phys = list(struct.unpack_from(f"<{npages}Q", table, HEADER.size))
-    c.restore_folios(page_phys)
-    pages = map_pages(c, page_phys)
-    store = build_index(table, pages)
-    warm = time.perf_counter() - t0
-    # ready for the next update: preserve again, describe the table again
-    c.preserve_folios(page_phys, 0)
-    c.preserve_phys(phys, size)
-    c.add_node("/kv")
-    for name in ("table-phys", "table-size", "keys"):
-        c.add_prop("/kv", name, c.get_prop("/kv", name))
-    say(
-        ROLE,
-        f"warm start: table ({len(first)} folios) and {npages} data pages restored, index of {len(store.index)} keys rebuilt in {warm * 1e3:.1f} ms",
+def arguments(argv: list[str] | None) -> Any:
+    ap = base_args("a key-value store whose index and data survive the live update")
+    ap.add_argument("--session", default="kvstore")
+    ap.add_argument("--keys", type=int, default=20000, help="size of the data set (0: none)")
+    ap.add_argument(
+        "--value-size",
+        type=parse_sizes,
+        default=(400, 400),
+        help="value bytes, or a range LOW-HIGH (default 400)",
     )
-    return (
-        store,
-        pages,
-        table,
-        {"warm_start_ms": round(warm * 1e3, 2), "first_restore_ts": first_ts},
+    ap.add_argument("--seed", type=int, default=0, help="of the data set")
+    ap.add_argument(
+        "--churn", action="store_true", help="overwrite every 5th key, delete every 7th"
     )
+    ap.add_argument(
+        "--log",
+        default=os.path.join(tempfile.gettempdir(), f"khod-kvstore-{os.getuid()}.log"),
+        help="the on-disk log (the cold start replays it)",
+    )
+    ap.add_argument("--serve", action="store_true", help="answer JSON lines on stdin")
+    ap.add_argument("--cold", action="store_true", help="with --serve: no khod, replay the log")
+    return ap.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = base_args("a key-value store whose data survives the live update")
-    ap.add_argument("--session", default="kvstore")
-    ap.add_argument("--keys", type=int, default=20000)
-    ap.add_argument("--value-size", type=int, default=400)
-    ap.add_argument(
-        "--log",
-        default=os.path.join(tempfile.gettempdir(), "khod-kvstore.jsonl"),
-        help="the on-disk log used for the cold-start baseline",
-    )
-    args = ap.parse_args(argv)
+    args = arguments(argv)
+    lo, hi = args.value_size
+    data = Dataset(args.keys, lo, hi, seed=args.seed, churn=args.churn)
+    if args.serve:
+        return Server(args, data).run()
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    items = dataset(args.keys, args.value_size)
+    key = probe_key(data)
+    t0 = time.perf_counter()
     c = connect(args.socket, args.session, args.wait)
-    mode = "resume" if c.hello_info.get("incoming") else "start"
+    try:
+        store, mode, restored = open_store(c, args.log)
+    except (KvError, KhoError) as exc:
+        say(ROLE, f"refused to start: {exc}")
+        c.close()
+        return REFUSED if isinstance(exc, KvError) else 1
     extra: dict[str, Any] = {}
-    if mode == "resume":
-        store, pages, table, extra = resume(c)
-        bad = sum(store.get(k) != v for k, v in items)
-        cold_s, cold = cold_start(args.log)
-        assert cold == dict(items)
+    if mode == "warm":
+        store.get(key)
+        warm = (time.perf_counter() - t0) * 1e3
+        t1 = time.perf_counter()
+        store.mem.rearm()
         extra.update(
-            keys_served=len(items) - bad,
-            keys_wrong=bad,
-            cold_start_ms=round(cold_s * 1e3, 2),
-            warm_vs_cold=round(cold_s * 1e3 / extra["warm_start_ms"], 2),
+            warm_start_ms=round(warm, 2),
+            rearm_ms=round((time.perf_counter() - t1) * 1e3, 2),
+            first_restore_ts=restored,
+            **verify(store, data),
         )
+        cold = cold_start_ms(args.log, key)
+        extra.update(cold_start_ms=round(cold, 2), warm_vs_cold=round(cold / warm, 1))
         say(
             ROLE,
-            f"served all {len(items)} keys: {bad} wrong; cold start from {args.log} takes {cold_s * 1e3:.1f} ms ({extra['warm_vs_cold']}x the warm start)",
+            f"warm start: {len(store)} keys served {warm:.1f} ms after start (hello, restore, map, "
+            f"first get); {extra['keys_wrong']} wrong. Cold start from {args.log}: {cold:.1f} ms "
+            f"({extra['warm_vs_cold']}x the warm start)",
+        )
+    elif mode == "new" and data.keys:
+        load(store, data)
+        st = store.stats()
+        say(
+            ROLE,
+            f"loaded {st['keys']} keys: {st['segments']} segments of 2 MiB, {st['slots']} slots, "
+            f"in {(time.perf_counter() - t0) * 1e3:.0f} ms",
         )
     else:
-        write_log(args.log, items)
-        store, pages, table = start(c, args, items)
-
-    def on_finalize(ev: NotifierEvent) -> None:
-        say(ROLE, "FINALIZE: data pages are already preserved; nothing to flush")
-
-    c.subscribe(on_finalize=on_finalize)
+        say(ROLE, f"{mode} start: {len(store)} keys")
+    subscribe(c, store)
+    st = store.stats()
     report(
         role=ROLE,
-        mode=mode,
+        mode={"warm": "resume", "new": "start"}.get(mode, mode),
         session=args.session,
-        keys=len(items),
-        pages=len(pages),
+        keys=st["keys"],
+        segments=st["segments"],
+        slots=st["slots"],
         bytes_copied=0,
         **extra,
     )
     ok = extra.get("keys_wrong", 0) == 0
-    if not (mode == "resume" and args.once):
+    if not (mode == "warm" and args.once):
         while not stop.is_set() and not c.handed_over.is_set():
             stop.wait(0.05)
-    store.index.clear()
-    for v in pages:
-        v.release()
-    table.release()
+    store.close()
     c.close()
     return 0 if ok else 1
+
+
+class Server:
+    """``--serve``: one JSON request per line on stdin, one reply per line on stdout."""
+
+    def __init__(self, args: Any, data: Dataset) -> None:
+        self.args = args
+        self.data = data
+        self.client: Client | None = None
+        self.store: Store | None = None
+        self.served = threading.Event()  # the first request after open was answered
+        self.armed = threading.Event()
+        self.busy = False  # answering a request
+        self.stopping = False
+
+    def send(self, msg: dict[str, Any]) -> None:
+        sys.stdout.write(json.dumps(msg) + "\n")
+        sys.stdout.flush()
+
+    def run(self) -> int:
+        """Serve until ``quit``, the end of stdin or SIGTERM; then stop cleanly (sealed)."""
+        signal.signal(signal.SIGTERM, self.on_sigterm)
+        self.send({"ready": True})
+        try:
+            for line in sys.stdin:
+                if not line.strip():
+                    continue
+                self.busy = True
+                op = self.answer(line)
+                self.busy = False
+                if op != "open":
+                    self.served.set()
+                if op == "quit" or self.stopping:
+                    break
+        finally:
+            if self.store is not None:
+                self.store.close()
+            if self.client is not None:
+                self.client.close()
+        return 0
+
+    def on_sigterm(self, *_: object) -> None:
+        """Stop between requests, never inside one: a sealed table has no write half done."""
+        self.stopping = True
+        if not self.busy:
+            sys.exit(0)
+
+    def answer(self, line: str) -> object:
+        """Reply to one request line; returns its op."""
+        op: object = None
+        try:
+            req = json.loads(line)
+            if not isinstance(req, dict):
+                raise KvError("EINVAL", "a request is a JSON object")
+            op = req.get("op")
+            reply = {"ok": True, **self.handle(req)}
+        except KvError as exc:
+            reply = {"ok": False, "error": {"code": exc.code, "message": exc.message}}
+        except KhoError as exc:
+            reply = {"ok": False, "error": {"code": str(exc.code), "message": exc.message}}
+        except (ValueError, TypeError) as exc:
+            reply = {"ok": False, "error": {"code": "EINVAL", "message": str(exc)}}
+        self.send(reply)
+        return op
+
+    def handle(self, req: dict[str, Any]) -> dict[str, Any]:
+        op = req.get("op")
+        if op == "open":
+            return self.open()
+        if op == "quit":
+            return {}
+        store = self.store
+        if store is None:
+            raise KvError("EINVAL", f"{op!r} needs an open store: send open first")
+        if op == "get":
+            value = store.get(_key(req))
+            return {"value": None if value is None else base64.b64encode(value).decode()}
+        if op == "put":
+            raw = req.get("value")
+            if not isinstance(raw, str):
+                raise KvError("EINVAL", "put needs 'value', a base64 string")
+            store.put(_key(req), base64.b64decode(raw, validate=True))
+            return {}
+        if op == "delete":
+            return {"deleted": store.delete(_key(req))}
+        if op == "load":
+            load(store, self.data)
+            return store.stats()
+        if op == "verify":
+            return verify(store, self.data)
+        if op == "stats":
+            return {**store.stats(), "armed": self.armed.is_set()}
+        if op == "sync":
+            store.sync()
+            return {}
+        raise KvError("EINVAL", f"unknown op {op!r}")
+
+    def open(self) -> dict[str, Any]:
+        if self.store is not None:
+            raise KvError("EINVAL", "the store is already open")
+        t0 = time.perf_counter()
+        if not self.args.cold and self.client is None:
+            self.client = connect(self.args.socket, self.args.session, self.args.wait)
+        connected = time.perf_counter()
+        self.store, mode, _ = open_store(self.client, self.args.log)
+        if self.client is not None:
+            threading.Thread(target=self.arm, args=(self.client, self.store), daemon=True).start()
+        else:
+            self.armed.set()
+        return {
+            "mode": mode,
+            "keys": len(self.store),
+            "open_ms": (time.perf_counter() - t0) * 1e3,
+            "hello_ms": (connected - t0) * 1e3,
+            **getattr(self.store.mem, "phases", {}),
+        }
+
+    def arm(self, c: Client, store: Store) -> None:
+        """Preserve again and subscribe, once the first request is answered (or soon anyway).
+
+        A warm start serves before it does this. Until it is done (at most
+        ``ARM_AFTER_S`` after open, plus the calls) a finalize would not
+        carry the store; khod keeps the restored folios with the session.
+        """
+        self.served.wait(ARM_AFTER_S)
+        try:
+            with store.lock:
+                store.mem.rearm()
+            subscribe(c, store)
+            self.armed.set()
+        except (KhoError, KvError) as exc:
+            say(ROLE, f"cannot get ready for the next update: {exc}")
+
+
+def _key(req: dict[str, Any]) -> bytes:
+    key = req.get("key")
+    if not isinstance(key, str):
+        raise KvError("EINVAL", "a request needs 'key', a string")
+    return key.encode()
 
 
 if __name__ == "__main__":
