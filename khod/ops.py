@@ -92,9 +92,7 @@ def session_op(name: str) -> Callable[[SessionHandler], SessionHandler]:
 BATCH = 1 << 16  # folios or ranges per step of a long preservation request
 
 
-async def _checked(
-    n: int, check: Callable[[slice], tuple[I64, I64]], op: str
-) -> tuple[I64, I64]:
+async def _checked(n: int, check: Callable[[slice], tuple[I64, I64]], op: str) -> tuple[I64, I64]:
     """Check a batch of ``n`` a step at a time; the (pfns, orders) ``check`` found.
 
     Each step's folios also go into a set of their own, which refuses a
