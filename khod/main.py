@@ -5,6 +5,11 @@ config -> region -> start-up -> serve. Exit status (:class:`khod.startup.Exit`):
 configured, 2 for a configuration or environment error, 3 when an incoming
 handover is refused (the region is left untouched for ``khoctl inspect``),
 4 when the region belongs to a live or crashed daemon.
+
+A cold start is mostly imports, so this module imports at the top only what
+start-up, populate and serving need; what only some paths need is imported
+where it is used (``prometheus_client`` when metrics are served, ``fdt`` where
+a DTB is read or written, ``tomllib`` when a config file is read).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import os
 import resource
 import sys
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -28,11 +34,13 @@ from khod.kho.handover import Hook, no_hook
 from khod.kho.tree import TreeLimits
 from khod.lifecycle import Lifecycle, State
 from khod.log import Log
-from khod.metrics import Metrics, record_rejection
 from khod.ops import OPS
 from khod.region import Region, open_region
 from khod.server import Connections, Server, bind_unix, unlink_if_ours
 from khod.startup import Exit, StartInfo, StartPlan, StartupRefused, plan_start
+
+if TYPE_CHECKING:
+    from khod.metrics import Metrics
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -144,6 +152,8 @@ def assemble(
     conns = Connections()
     metrics = None
     if with_metrics:
+        from khod.metrics import Metrics  # prometheus_client: only when metrics are served
+
         metrics = Metrics(
             engine,
             info,
@@ -310,7 +320,10 @@ def _run_on_region(region: Region, cfg: Config, args: argparse.Namespace, log: L
         )
     except StartupRefused as exc:
         log.error("start.refused", code=str(exc.code), reason=exc.message, region=region.path)
-        record_rejection(cfg.server.state_dir, exc, log)
+        if exc.fault is not None:
+            from khod.metrics import record_rejection
+
+            record_rejection(cfg.server.state_dir, exc, log)
         return exc.exit_status
     except KhoError as exc:
         log.error("start.failed", code=str(exc.code), reason=exc.message)
