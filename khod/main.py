@@ -355,7 +355,14 @@ def _run_on_region(region: Region, cfg: Config, args: argparse.Namespace, log: L
 
 
 def main() -> None:
-    sys.exit(run())
+    status = run()
+    # Interpreter teardown takes tens of milliseconds (trio, numpy, every object of the
+    # engine) and does nothing for us: the region is closed and its lock let go, every
+    # descriptor dies with the process. A successor started once this process is gone
+    # (systemctl restart) should not wait for it.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 if __name__ == "__main__":
