@@ -1,21 +1,24 @@
-"""``khod [--config FILE] [--reset] [--check-config]``: run the daemon.
+"""``khod [--config FILE] [--reset | --standby] [--check-config]``: run the daemon.
 
 config -> region -> start-up -> serve. Exit status (:class:`khod.startup.Exit`):
-0 after a clean stop or a handover, 1 when a stop could not hand over as
-configured, 2 for a configuration or environment error, 3 when an incoming
-handover is refused (the region is left untouched for ``khoctl inspect``),
-4 when the region belongs to a live or crashed daemon.
+0 after a clean stop or a handover (or a standby stopped while it waited), 1
+when a stop could not hand over as configured, 2 for a configuration or
+environment error, 3 when an incoming handover is refused (the region is left
+untouched for ``khoctl inspect``), 4 when the region belongs to a live or
+crashed daemon (or another standby waits for it).
 
 A cold start is mostly imports, so this module imports at the top only what
 start-up, populate and serving need; what only some paths need is imported
 where it is used (``prometheus_client`` when metrics are served, ``fdt`` where
-a DTB is read or written, ``tomllib`` when a config file is read).
+a DTB is read or written, ``tomllib`` when a config file is read). A standby
+(``khod/standby.py``) imports all of it before it waits.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import json
 import os
 import resource
@@ -25,12 +28,13 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from khod import __version__, faults, systemd
+from khod import __version__, faults, standby, systemd
 from khod.config import Config, ConfigError, load, override, parse_listen
 from khod.engine import Engine, EngineLimits
-from khod.errors import KhoError
+from khod.errors import HandoverError, KhoError
 from khod.faults import FaultPoint
 from khod.kho.handover import Hook, no_hook
+from khod.kho.record import read_record
 from khod.kho.tree import TreeLimits
 from khod.lifecycle import Lifecycle, State
 from khod.log import Log
@@ -42,6 +46,9 @@ from khod.startup import Exit, StartInfo, StartPlan, StartupRefused, plan_start
 if TYPE_CHECKING:
     from khod.metrics import Metrics
 
+# Imported where first used, not at start-up; a standby imports them before it waits.
+DEFERRED_IMPORTS = ("fdt", "ctypes.util", "tomllib")
+
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="khod", description="userspace Kexec HandOver daemon")
@@ -50,6 +57,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--reset",
         action="store_true",
         help="discard a live, damaged or unwanted handover record and start empty",
+    )
+    ap.add_argument(
+        "--standby",
+        action="store_true",
+        help="start beside the daemon that holds the region, ready, and take the region "
+        "over the moment it hands over (or exits); start at once if nobody holds it",
     )
     ap.add_argument(
         "--check-config",
@@ -242,8 +255,23 @@ async def serve(
     return d
 
 
+def preload(cfg: Config) -> None:
+    """Import now what this daemon would otherwise import when first needed (a standby)."""
+    for name in DEFERRED_IMPORTS:
+        importlib.import_module(name)
+    if cfg.metrics.listen:
+        importlib.import_module("khod.metrics")
+
+
 def run(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.standby and args.reset:
+        print(
+            "khod: --standby and --reset exclude each other: a reset would discard "
+            "what the daemon being replaced hands over",
+            file=sys.stderr,
+        )
+        return Exit.CONFIG
     try:
         cfg = effective_config(args)
     except ConfigError as exc:
@@ -253,6 +281,8 @@ def run(argv: list[str] | None = None) -> int:
         print(render_config(cfg), end="")
         return Exit.OK
     log = Log(cfg.logging.level, cfg.logging.format)
+    if args.standby:
+        preload(cfg)
     r = cfg.region
     try:
         region = open_region(r.backend, r.path, base=r.base, size=r.size)
@@ -285,14 +315,56 @@ def raise_nofile(cfg: Config, log: Log) -> None:
         )
 
 
-def _prepare(region: Region, cfg: Config, log: Log) -> None:
-    """Take the region for this daemon and make sure khod's own writes can land."""
+def _holder(region: Region) -> str:
+    """Who holds the region and what its record says (read without the lock: for the log)."""
+    pid = standby.holder(region.path)
+    who = f"pid {pid}" if pid is not None else "the daemon holding it"
     try:
-        region.lock()
-    except KhoError as exc:
-        raise StartupRefused(
-            exc.code, f"the region is in use by a running daemon: {exc.message}", Exit.REGION_BUSY
-        ) from None
+        rec = read_record(region)
+    except HandoverError:
+        return who
+    if rec is None:
+        return who
+    return f"{who} (record {rec.state.name.lower()}, generation {rec.generation})"
+
+
+def _stand_by(region: Region, log: Log) -> None:
+    """Wait, ready, until the daemon holding the region lets go of it; then it is ours."""
+    claim = standby.claim(region)
+
+    def waiting() -> None:
+        holder = _holder(region)
+        log.info("standby.waiting", region=region.path, holder=holder)
+        systemd.notify("READY=1", f"STATUS=standby: waiting for {holder} to hand over")
+
+    def overtaken() -> None:
+        log.warning("standby.overtaken", region=region.path, reason="another daemon took it first")
+
+    try:
+        waited = standby.take(region, waiting, overtaken)
+    finally:
+        os.close(claim)  # the region is ours (or we leave): the next standby may queue
+    region.check_identity()  # still the file we mapped (deleted or replaced while we waited?)
+    if waited is not None:
+        log.info("standby.take_over", region=region.path, waited_s=round(waited, 3))
+        systemd.status("starting: the region was let go; taking it over")
+    else:
+        log.info("standby.no_predecessor", region=region.path, reason="nobody held it")
+
+
+def _prepare(region: Region, cfg: Config, log: Log, *, wait: bool = False) -> None:
+    """Take the region for this daemon and make sure khod's own writes can land."""
+    if wait:
+        _stand_by(region, log)
+    else:
+        try:
+            region.lock()
+        except KhoError as exc:
+            raise StartupRefused(
+                exc.code,
+                f"the region is in use by a running daemon: {exc.message}",
+                Exit.REGION_BUSY,
+            ) from None
     if cfg.region.preallocate:
         region.allocate(region.base, region.size)
     short = region.backing_shortfall()
@@ -309,7 +381,7 @@ def _prepare(region: Region, cfg: Config, log: Log) -> None:
 def _run_on_region(region: Region, cfg: Config, args: argparse.Namespace, log: Log) -> int:
     try:
         raise_nofile(cfg, log)
-        _prepare(region, cfg, log)
+        _prepare(region, cfg, log, wait=args.standby)
         plan = plan_start(
             region,
             scratch_size=cfg.region.scratch_size,
@@ -318,6 +390,9 @@ def _run_on_region(region: Region, cfg: Config, args: argparse.Namespace, log: L
             limits=engine_limits(cfg, region.size),
             hook=faults.point,
         )
+    except standby.StandbyStopped as exc:
+        log.info("standby.stopped", signal=exc.signal_name, reason="stopped while waiting")
+        return Exit.OK
     except StartupRefused as exc:
         log.error("start.refused", code=str(exc.code), reason=exc.message, region=region.path)
         if exc.fault is not None:
