@@ -261,6 +261,7 @@ def preload(cfg: Config) -> None:
         importlib.import_module(name)
     if cfg.metrics.listen:
         importlib.import_module("khod.metrics")
+        importlib.import_module("encodings.idna")  # getaddrinfo encodes the metrics host with it
 
 
 def run(argv: list[str] | None = None) -> int:
