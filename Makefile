@@ -30,6 +30,7 @@ bench: $(STAMP)
 	$(PY) bench/format.py --json
 	$(PY) bench/rpc.py --json
 	$(PY) bench/fairness.py --json
+	$(PY) bench/blackout.py --json
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache .hypothesis
