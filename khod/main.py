@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
-import json
 import os
 import resource
 import sys
@@ -47,7 +46,7 @@ if TYPE_CHECKING:
     from khod.metrics import Metrics
 
 # Imported where first used, not at start-up; a standby imports them before it waits.
-DEFERRED_IMPORTS = ("fdt", "ctypes.util", "tomllib")
+DEFERRED_IMPORTS = ("fdt", "ctypes.util", "tomllib", "json")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -97,12 +96,16 @@ def effective_config(args: argparse.Namespace) -> Config:
     ):
         value = getattr(args, flag)
         if value is not None:
+            import json  # a TOML string, quoted; only when such a flag is given
+
             sets.append(f"{key}={json.dumps(value)}")
     return override(cfg, sets) if sets else cfg
 
 
 def render_config(cfg: Config) -> str:
     """The effective configuration as TOML."""
+    import json
+
     lines = [f"# effective configuration (from {cfg.source})"]
     for section, table in cfg.as_dict().items():
         lines.append(f"\n[{section}]")
