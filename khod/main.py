@@ -16,10 +16,17 @@ a DTB is read or written, ``tomllib`` when a config file is read). A standby
 
 from __future__ import annotations
 
+import os
+
+# khod does no linear algebra, so numpy's OpenBLAS need not start a thread per core: on
+# a busy machine those threads compete with the import itself (up to tens of ms of a cold
+# start, bench/blackout.py). Set before the imports below load numpy; an explicit setting
+# wins, and only the daemon is concerned (clients import khod.errors, never this module).
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
 import argparse
 import contextlib
 import importlib
-import os
 import resource
 import sys
 from dataclasses import dataclass

@@ -422,3 +422,20 @@ print(sorted(m for m in (*lazy, "encodings.idna") if m not in sys.modules))
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert r.stdout.splitlines() == ["[]", "[]"]
+
+
+@pytest.mark.parametrize(("given", "kept"), [(None, "1"), ("3", "3")])
+def test_the_daemon_starts_no_blas_threads_unless_told(given: str | None, kept: str) -> None:
+    """khod does no linear algebra: numpy's OpenBLAS starts no worker threads in it."""
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_NUM_THREADS"}
+    if given is not None:
+        env["OPENBLAS_NUM_THREADS"] = given
+    code = "import os, khod.main; print(os.environ['OPENBLAS_NUM_THREADS'], len(os.listdir('/proc/self/task')))"
+    r = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env
+    )
+    assert r.returncode == 0, r.stderr
+    value, threads = r.stdout.split()
+    assert value == kept
+    if given is None:
+        assert threads == "1"  # the main thread alone
