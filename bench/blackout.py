@@ -170,7 +170,7 @@ class Bench:
         with Client(self.sock, timeout=60) as op:
             op.finalize()
             op.handover()
-        t0 = time.perf_counter()
+            t0 = time.perf_counter()  # the reply is in; the operator's close is not counted
         lock_at = ready_ms = None
         if succ is None:  # cold: started once the predecessor is gone, as systemctl restart does
             lock_at = self._wait_lock_free(region)
@@ -217,11 +217,15 @@ class Bench:
 
 
 def wall_ms(code: str, n: int) -> float:
-    """Median wall ms of ``python -c code``: a floor every cold start pays."""
+    """Median wall ms of ``python -c code``: a floor every cold start pays.
+
+    With OPENBLAS_NUM_THREADS=1, as khod.main sets before it imports numpy.
+    """
+    env = dict(os.environ, OPENBLAS_NUM_THREADS="1")
     ts = []
     for _ in range(n):
         t0 = time.perf_counter()
-        subprocess.run([sys.executable, "-c", code], check=True)
+        subprocess.run([sys.executable, "-c", code], check=True, env=env)
         ts.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(ts)
 

@@ -194,6 +194,22 @@ def test_a_standby_with_a_bad_config_or_region_fails_at_once(shm_dir: Path) -> N
         assert pred.stop() == 0
 
 
+def test_a_region_file_replaced_while_standing_by_is_refused_by_name(shm_dir: Path) -> None:
+    pred = start_daemon(shm_dir)
+    succ = start_daemon(shm_dir, "--standby", wait_ready=False)
+    with killing(pred, succ):
+        wait_log(succ, "event=standby.waiting")
+        region = shm_dir / "region"
+        region.rename(shm_dir / "old-region")  # someone swaps the file under both daemons
+        region.write_bytes(b"")
+        os.truncate(region, (shm_dir / "old-region").stat().st_size)
+        assert pred.stop() == 0
+        assert succ.wait() == Exit.CONFIG
+        assert f"region file {region} was replaced by another file" in succ.logs()
+        assert "event=ready" not in succ.logs()
+        assert record_page(shm_dir) == bytes(PAGE)  # the new file: nothing written to it
+
+
 def test_a_standby_with_nobody_to_wait_for_starts_at_once(shm_dir: Path) -> None:
     d = start_daemon(shm_dir, "--standby")
     with killing(d):
