@@ -28,7 +28,13 @@ signal) and to its process being reaped, and, as floors, the wall time of
 fdt) and of importing ``khod.main``. The khod sources are byte-compiled
 first, as a package install does, so no trial pays for compiling them.
 
-    python bench/blackout.py [--json] [--trials N]
+``--baseline REV`` adds cold trials of another revision (``git archive``d
+into a temporary directory), predecessor and successor alike, and of this
+tree, both started by the same launcher (which bypasses the editable
+install's import hook so either tree can be imported): same run, same
+machine, so ``cold_vs_baseline`` is a fair ratio.
+
+    python bench/blackout.py [--json] [--trials N] [--baseline REV]
 """
 
 from __future__ import annotations
@@ -36,12 +42,14 @@ from __future__ import annotations
 import argparse
 import compileall
 import fcntl
+import io
 import os
 import shutil
 import socket
 import statistics
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 from dataclasses import dataclass
@@ -56,6 +64,13 @@ ROOT = Path(__file__).resolve().parent.parent
 VMM_FOLIOS, VMM_ORDER = 2048, 9
 DB_FOLIOS = 6144
 POLL_S = 0.0005
+# Runs ``python -m khod`` from the source tree given as first argument, whatever the
+# editable install maps ``khod`` to.
+LAUNCH = (
+    "import runpy, sys; root = sys.argv.pop(1); "
+    "sys.meta_path[:] = [f for f in sys.meta_path if 'Editable' not in repr(f)]; "
+    "sys.path.insert(0, root); runpy.run_module('khod', run_name='__main__', alter_sys=True)"
+)
 
 
 def write_config(d: Path, metrics: bool) -> Path:
@@ -118,18 +133,20 @@ class Trial:
 
 
 class Bench:
-    def __init__(self, d: Path, metrics: bool) -> None:
+    def __init__(self, d: Path, metrics: bool, tree: Path | None = None) -> None:
+        """Trials in ``d``; khod as installed, or from source ``tree`` through :data:`LAUNCH`."""
         self.d = d
         self.cfg = write_config(d, metrics)
         self.sock = str(d / "khod.sock")
         self.notify = Notify(str(d / "notify.sock"))
         self.procs: list[subprocess.Popen[bytes]] = []
+        self.khod = ["-m", "khod"] if tree is None else ["-c", LAUNCH, str(tree)]
 
     def spawn(self, *args: str, log: str) -> subprocess.Popen[bytes]:
         env = dict(os.environ, NOTIFY_SOCKET=self.notify.path)
         with open(self.d / log, "ab") as out:
             p = subprocess.Popen(
-                [sys.executable, "-m", "khod", "-c", str(self.cfg), *args],
+                [sys.executable, *self.khod, "-c", str(self.cfg), *args],
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 env=env,
@@ -230,6 +247,17 @@ def wall_ms(code: str, n: int) -> float:
     return statistics.median(ts)
 
 
+def export(rev: str, into: Path) -> Path:
+    """The ``khod`` package of revision ``rev``, byte-compiled, under ``into``."""
+    tar = subprocess.run(
+        ["git", "-C", str(ROOT), "archive", rev, "khod"], check=True, capture_output=True
+    ).stdout
+    with tarfile.open(fileobj=io.BytesIO(tar)) as t:
+        t.extractall(into, filter="data")
+    compileall.compile_dir(into / "khod", quiet=1)
+    return into
+
+
 def summary(values: list[float]) -> tuple[float, float, float]:
     return round(min(values), 1), round(statistics.median(values), 1), round(max(values), 1)
 
@@ -238,24 +266,31 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     ap.add_argument("--trials", type=int, default=5, help="trials of each kind (default 5)")
+    ap.add_argument("--baseline", metavar="REV", help="also cold trials of git revision REV")
     args = ap.parse_args()
     compileall.compile_dir(ROOT / "khod", quiet=1)
     root = Path(
         tempfile.mkdtemp(prefix="khod-bo-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
     )
-    benches: dict[str, Bench] = {}
-    runs: dict[tuple[str, str], list[Trial]] = {}
+    benches: dict[tuple[str, str], Bench] = {}  # (who, suffix)
+    runs: dict[tuple[str, str], list[Trial]] = {}  # (kind, suffix)
     try:
-        for suffix, metrics in (("", False), ("_metrics", True)):
-            (root / f"m{int(metrics)}").mkdir()
-            benches[suffix] = Bench(root / f"m{int(metrics)}", metrics)
+        trees: dict[str, Path | None] = {"": None}
+        if args.baseline:
+            trees["launched_"] = ROOT
+            trees["baseline_"] = export(args.baseline, root / "baseline")
+        for who, tree in trees.items():
+            for suffix, metrics in (("", False), ("_metrics", True)):
+                d = root / f"{who}m{int(metrics)}"
+                d.mkdir()
+                benches[(who, suffix)] = Bench(d, metrics, tree)
         for _ in range(args.trials):  # interleaved, so every kind sees the same machine
-            for suffix, bench in benches.items():
-                for kind in ("cold", "standby"):
+            for (who, suffix), bench in benches.items():
+                for kind in ("cold", "standby") if not who else ("cold",):
                     t = bench.trial(standby=kind == "standby")
-                    runs.setdefault((kind, suffix), []).append(t)
+                    runs.setdefault((who + kind, suffix), []).append(t)
     except BaseException:
-        for log in sorted(root.glob("*/*.log")):
+        for log in sorted(root.glob("*m[01]/*.log")):
             print(f"--- {log}\n{log.read_text(errors='replace')[-4000:]}", file=sys.stderr)
         raise
     finally:
@@ -268,9 +303,20 @@ def main() -> int:
         lo, med, hi = summary([t.blackout_ms for t in trials])
         fig[f"{kind}_blackout_ms{suffix}"] = med
         fig[f"{kind}_blackout_ms{suffix}_range"] = f"{lo}-{hi}"
-        if kind == "cold":
-            fig[f"cold_exec_to_ready_ms{suffix}"] = summary(
+        if kind.endswith("cold"):
+            fig[f"{kind}_exec_to_ready_ms{suffix}"] = summary(
                 [t.exec_to_ready_ms or 0.0 for t in trials]
+            )[1]
+    if args.baseline:
+        fig["baseline"] = args.baseline
+        for suffix in ("", "_metrics"):
+            fig[f"cold_vs_baseline{suffix}"] = round(
+                fig[f"launched_cold_blackout_ms{suffix}"]
+                / fig[f"baseline_cold_blackout_ms{suffix}"],
+                3,
+            )
+            fig[f"baseline_predecessor_exit_ms{suffix}"] = summary(
+                [t.predecessor_exit_ms for t in runs[("baseline_cold", suffix)]]
             )[1]
     cold = runs[("cold", "")] + runs[("cold", "_metrics")]
     fig["predecessor_lock_released_ms"] = summary([t.lock_released_ms or 0.0 for t in cold])[1]
