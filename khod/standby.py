@@ -1,4 +1,4 @@
-"""The standby successor: started beside a running daemon, it takes the region over the moment it is let go.
+"""The standby successor: waits beside the running daemon, takes the region the moment it is let go.
 
 ``khod --standby`` does before the handover everything a start can do without
 the region: it reads and checks its configuration, maps the region and
