@@ -446,8 +446,9 @@ def main() -> None:
     # engine) and does nothing for us: the region is closed and its lock let go, every
     # descriptor dies with the process. A successor started once this process is gone
     # (systemctl restart) should not wait for it.
-    sys.stdout.flush()
-    sys.stderr.flush()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # a reader gone: the status still counts
+            stream.flush()
     os._exit(status)
 
 
