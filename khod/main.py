@@ -10,8 +10,9 @@ crashed daemon (or another standby waits for it).
 A cold start is mostly imports, so this module imports at the top only what
 start-up, populate and serving need; what only some paths need is imported
 where it is used (``prometheus_client`` when metrics are served, ``fdt`` where
-a DTB is read or written, ``tomllib`` when a config file is read). A standby
-(``khod/standby.py``) imports all of it before it waits.
+a DTB is read or written, ``tomllib`` when a config file is read, ``json`` for
+JSON logs and some flags). A standby (``khod/standby.py``) imports all of it
+before it waits.
 """
 
 from __future__ import annotations
