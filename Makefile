@@ -32,6 +32,7 @@ bench: $(STAMP)
 	$(PY) bench/fairness.py --json
 	$(PY) bench/memory.py --json
 	$(PY) bench/warm.py --json
+	$(PY) bench/blackout.py --json
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache .hypothesis

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import grp
 import re
-import tomllib
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -299,6 +298,8 @@ def load(path: str | None) -> Config:
         if not Path(DEFAULT_CONFIG_PATH).exists():
             return Config()
         path = DEFAULT_CONFIG_PATH
+    import tomllib  # only when a file is read: a start-up without one never loads it
+
     try:
         with open(path, "rb") as f:
             data = tomllib.load(f)
@@ -311,6 +312,8 @@ def load(path: str | None) -> Config:
 
 def override(cfg: Config, assignments: list[str]) -> Config:
     """Apply ``section.key=value`` overrides (values parsed as TOML, else as strings)."""
+    import tomllib
+
     data: dict[str, dict[str, Any]] = {}
     for item in assignments:
         key, sep, raw = item.partition("=")

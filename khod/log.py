@@ -7,7 +7,6 @@ timeout, abort and reset is logged with its reason by the callers.
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from typing import Any, TextIO
@@ -38,6 +37,8 @@ class Log:
         record = {"ts": ts, "level": level, "event": event}
         record.update({k: v for k, v in fields.items() if v is not None})
         if self.fmt == "json":
+            import json  # only for JSON logs: logfmt starts without it
+
             line = json.dumps(record, default=str)
         else:
             line = " ".join(f"{k}={_logfmt_value(v)}" for k, v in record.items())

@@ -1,38 +1,60 @@
-"""``khod [--config FILE] [--reset] [--check-config]``: run the daemon.
+"""``khod [--config FILE] [--reset | --standby] [--check-config]``: run the daemon.
 
 config -> region -> start-up -> serve. Exit status (:class:`khod.startup.Exit`):
-0 after a clean stop or a handover, 1 when a stop could not hand over as
-configured, 2 for a configuration or environment error, 3 when an incoming
-handover is refused (the region is left untouched for ``khoctl inspect``),
-4 when the region belongs to a live or crashed daemon.
+0 after a clean stop or a handover (or a standby stopped while it waited), 1
+when a stop could not hand over as configured, 2 for a configuration or
+environment error, 3 when an incoming handover is refused (the region is left
+untouched for ``khoctl inspect``), 4 when the region belongs to a live or
+crashed daemon (or another standby waits for it).
+
+A cold start is mostly imports, so this module imports at the top only what
+start-up, populate and serving need; what only some paths need is imported
+where it is used (``prometheus_client`` when metrics are served, ``fdt`` where
+a DTB is read or written, ``tomllib`` when a config file is read, ``json`` for
+JSON logs and some flags). A standby (``khod/standby.py``) imports all of it
+before it waits.
 """
 
 from __future__ import annotations
 
+import os
+
+# khod does no linear algebra, so numpy's OpenBLAS need not start a thread per core: on
+# a busy machine those threads compete with the import itself (up to tens of ms of a cold
+# start, bench/blackout.py). Set before the imports below load numpy; an explicit setting
+# wins, and only the daemon is concerned (clients import khod.errors, never this module).
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
 import argparse
 import contextlib
-import json
-import os
+import importlib
 import resource
 import sys
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import trio
 
-from khod import __version__, faults, systemd
+from khod import __version__, faults, standby, systemd
 from khod.config import Config, ConfigError, load, override, parse_listen
 from khod.engine import Engine, EngineLimits
-from khod.errors import KhoError
+from khod.errors import HandoverError, KhoError
 from khod.faults import FaultPoint
 from khod.kho.handover import Hook, no_hook
+from khod.kho.record import read_record
 from khod.kho.tree import TreeLimits
 from khod.lifecycle import Lifecycle, State
 from khod.log import Log
-from khod.metrics import Metrics, record_rejection
 from khod.ops import OPS
 from khod.region import Region, open_region
 from khod.server import Connections, Server, bind_unix, unlink_if_ours
 from khod.startup import Exit, StartInfo, StartPlan, StartupRefused, plan_start
+
+if TYPE_CHECKING:
+    from khod.metrics import Metrics
+
+# Imported where first used, not at start-up; a standby imports them before it waits.
+DEFERRED_IMPORTS = ("fdt", "ctypes.util", "tomllib", "json")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -42,6 +64,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--reset",
         action="store_true",
         help="discard a live, damaged or unwanted handover record and start empty",
+    )
+    ap.add_argument(
+        "--standby",
+        action="store_true",
+        help="start beside the daemon that holds the region, ready, and take the region "
+        "over the moment it hands over (or exits); start at once if nobody holds it",
     )
     ap.add_argument(
         "--check-config",
@@ -76,12 +104,16 @@ def effective_config(args: argparse.Namespace) -> Config:
     ):
         value = getattr(args, flag)
         if value is not None:
+            import json  # a TOML string, quoted; only when such a flag is given
+
             sets.append(f"{key}={json.dumps(value)}")
     return override(cfg, sets) if sets else cfg
 
 
 def render_config(cfg: Config) -> str:
     """The effective configuration as TOML."""
+    import json
+
     lines = [f"# effective configuration (from {cfg.source})"]
     for section, table in cfg.as_dict().items():
         lines.append(f"\n[{section}]")
@@ -144,6 +176,8 @@ def assemble(
     conns = Connections()
     metrics = None
     if with_metrics:
+        from khod.metrics import Metrics  # prometheus_client: only when metrics are served
+
         metrics = Metrics(
             engine,
             info,
@@ -232,8 +266,24 @@ async def serve(
     return d
 
 
+def preload(cfg: Config) -> None:
+    """Import now what this daemon would otherwise import when first needed (a standby)."""
+    for name in DEFERRED_IMPORTS:
+        importlib.import_module(name)
+    if cfg.metrics.listen:
+        importlib.import_module("khod.metrics")
+        importlib.import_module("encodings.idna")  # getaddrinfo encodes the metrics host with it
+
+
 def run(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.standby and args.reset:
+        print(
+            "khod: --standby and --reset exclude each other: a reset would discard "
+            "what the daemon being replaced hands over",
+            file=sys.stderr,
+        )
+        return Exit.CONFIG
     try:
         cfg = effective_config(args)
     except ConfigError as exc:
@@ -243,6 +293,8 @@ def run(argv: list[str] | None = None) -> int:
         print(render_config(cfg), end="")
         return Exit.OK
     log = Log(cfg.logging.level, cfg.logging.format)
+    if args.standby:
+        preload(cfg)
     r = cfg.region
     try:
         region = open_region(r.backend, r.path, base=r.base, size=r.size)
@@ -275,14 +327,56 @@ def raise_nofile(cfg: Config, log: Log) -> None:
         )
 
 
-def _prepare(region: Region, cfg: Config, log: Log) -> None:
-    """Take the region for this daemon and make sure khod's own writes can land."""
+def _holder(region: Region) -> str:
+    """Who holds the region and what its record says (read without the lock: for the log)."""
+    pid = standby.holder(region.path)
+    who = f"pid {pid}" if pid is not None else "the daemon holding it"
     try:
-        region.lock()
-    except KhoError as exc:
-        raise StartupRefused(
-            exc.code, f"the region is in use by a running daemon: {exc.message}", Exit.REGION_BUSY
-        ) from None
+        rec = read_record(region)
+    except HandoverError:
+        return who
+    if rec is None:
+        return who
+    return f"{who} (record {rec.state.name.lower()}, generation {rec.generation})"
+
+
+def _stand_by(region: Region, log: Log) -> None:
+    """Wait, ready, until the daemon holding the region lets go of it; then it is ours."""
+    claim = standby.claim(region)
+
+    def waiting() -> None:
+        holder = _holder(region)
+        log.info("standby.waiting", region=region.path, holder=holder)
+        systemd.notify("READY=1", f"STATUS=standby: waiting for {holder} to hand over")
+
+    def overtaken() -> None:
+        log.warning("standby.overtaken", region=region.path, reason="another daemon took it first")
+
+    try:
+        waited = standby.take(region, waiting, overtaken)
+    finally:
+        os.close(claim)  # the region is ours (or we leave): the next standby may queue
+    region.check_identity()  # still the file we mapped (deleted or replaced while we waited?)
+    if waited is not None:
+        log.info("standby.take_over", region=region.path, waited_s=round(waited, 3))
+        systemd.status("starting: the region was let go; taking it over")
+    else:
+        log.info("standby.no_predecessor", region=region.path, reason="nobody held it")
+
+
+def _prepare(region: Region, cfg: Config, log: Log, *, wait: bool = False) -> None:
+    """Take the region for this daemon and make sure khod's own writes can land."""
+    if wait:
+        _stand_by(region, log)
+    else:
+        try:
+            region.lock()
+        except KhoError as exc:
+            raise StartupRefused(
+                exc.code,
+                f"the region is in use by a running daemon: {exc.message}",
+                Exit.REGION_BUSY,
+            ) from None
     if cfg.region.preallocate:
         region.allocate(region.base, region.size)
     short = region.backing_shortfall()
@@ -299,7 +393,7 @@ def _prepare(region: Region, cfg: Config, log: Log) -> None:
 def _run_on_region(region: Region, cfg: Config, args: argparse.Namespace, log: Log) -> int:
     try:
         raise_nofile(cfg, log)
-        _prepare(region, cfg, log)
+        _prepare(region, cfg, log, wait=args.standby)
         plan = plan_start(
             region,
             scratch_size=cfg.region.scratch_size,
@@ -308,9 +402,15 @@ def _run_on_region(region: Region, cfg: Config, args: argparse.Namespace, log: L
             limits=engine_limits(cfg, region.size),
             hook=faults.point,
         )
+    except standby.StandbyStopped as exc:
+        log.info("standby.stopped", signal=exc.signal_name, reason="stopped while waiting")
+        return Exit.OK
     except StartupRefused as exc:
         log.error("start.refused", code=str(exc.code), reason=exc.message, region=region.path)
-        record_rejection(cfg.server.state_dir, exc, log)
+        if exc.fault is not None:
+            from khod.metrics import record_rejection
+
+            record_rejection(cfg.server.state_dir, exc, log)
         return exc.exit_status
     except KhoError as exc:
         log.error("start.failed", code=str(exc.code), reason=exc.message)
@@ -342,7 +442,15 @@ def _run_on_region(region: Region, cfg: Config, args: argparse.Namespace, log: L
 
 
 def main() -> None:
-    sys.exit(run())
+    status = run()
+    # Interpreter teardown takes tens of milliseconds (trio, numpy, every object of the
+    # engine) and does nothing for us: the region is closed and its lock let go, every
+    # descriptor dies with the process. A successor started once this process is gone
+    # (systemctl restart) should not wait for it.
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # a reader gone: the status still counts
+            stream.flush()
+    os._exit(status)
 
 
 if __name__ == "__main__":

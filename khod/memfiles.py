@@ -18,12 +18,12 @@ the region's descriptor itself goes, whole, to root and to members of
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import errno
+import functools
 import os
 import stat
 from pathlib import Path
+from typing import Any
 
 from khod.errors import enoent
 from khod.kho.handover import SessionKey
@@ -32,13 +32,24 @@ from khod.region import Region
 
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
-_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-_libc.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
+
+
+@functools.cache
+def _libc() -> Any:
+    """libc, looked up at the first free (``find_library`` runs ldconfig: not at start-up)."""
+    import ctypes
+    import ctypes.util
+
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    libc.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
+    return libc
 
 
 def punch_hole(fd: int, offset: int, length: int) -> None:
     """Deallocate ``[offset, offset + length)`` of a file, keeping its size (fallocate(2))."""
-    if _libc.fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length):
+    if _libc().fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length):
+        import ctypes
+
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
 

@@ -140,6 +140,8 @@ def life(
     """
     phase = plan.choice(PHASES)
     delay = plan.uniform(0.0, 0.03)
+    if phase == "handover":  # a daemon is gone within a few ms of its handover (no teardown)
+        delay *= 0.15
     start_delay = plan.uniform(0.05, 0.6)
     detour = phase == "unfreeze" or plan.random() < 0.3
     d = start_daemon(shm_dir, config=cfg, wait_ready=False)

@@ -26,7 +26,7 @@ ANALYZE = shutil.which("systemd-analyze")
 def test_units_verify_without_any_output(tmp_path: Path) -> None:
     khod = shutil.which("khod") or str(Path(sys.executable).parent / "khod")
     assert os.access(khod, os.X_OK), "the khod console script is not installed"
-    for name in ("khod.socket", "khod.service"):
+    for name in ("khod.socket", "khod.service", "khod@.service"):
         text = (UNITS / name).read_text()
         # the unit names /usr/bin/khod; point it at this install so verify can check it exists
         (tmp_path / name).write_text(text.replace("/usr/bin/khod", khod))
@@ -37,6 +37,7 @@ def test_units_verify_without_any_output(tmp_path: Path) -> None:
             "--man=no",
             str(tmp_path / "khod.socket"),
             str(tmp_path / "khod.service"),
+            str(tmp_path / "khod@blue.service"),  # an instance of the template beside them
         ],
         capture_output=True,
         text=True,
@@ -65,6 +66,24 @@ def test_unit_settings_that_matter() -> None:
     sock = (UNITS / "khod.socket").read_text()
     assert "\nListenStream=/run/khod/khod.sock" in sock
     assert "\nSocketMode=0660" in sock and "\nSocketGroup=khod" in sock
+
+
+def test_blue_green_instances_stand_by_in_khod_services_sandbox() -> None:
+    service = (UNITS / "khod.service").read_text()
+    instance = (UNITS / "khod@.service").read_text()
+    sandbox = service[service.index("\nUser=khod") : service.index("[Install]")]
+    assert sandbox in instance  # the same user, directories and sandbox, line for line
+    for line in (
+        "Type=notify",
+        "Sockets=khod.socket",  # the listening socket is shared, and no other service is started
+        "RuntimeDirectoryPreserve=yes",  # one instance stopping must not remove the socket's dir
+        "RestartPreventExitStatus=2 3 4",
+        "WatchdogSec=",
+    ):
+        assert f"\n{line}" in instance, line
+    exec_start = next(x for x in instance.splitlines() if x.startswith("ExecStart="))
+    assert exec_start.startswith("ExecStart=/usr/bin/khod --standby ")
+    assert exec_start.replace(" --standby", "") in service  # otherwise the same command
 
 
 @pytest.mark.skipif(

@@ -1,7 +1,8 @@
 """Tree <-> flattened devicetree blob, through the ``fdt`` package.
 
-This is the only module that imports ``fdt``; it wraps the package's known
-problems (fdt 0.3.x):
+This is the only module that imports ``fdt`` -- in the functions that need it,
+so a daemon that parses or writes no DTB never loads it; it wraps the
+package's known problems (fdt 0.3.x):
 
 * ``FDT(entries=[])`` is a shared mutable default that ``parse_dtb`` appends
   to -- every FDT here gets a fresh list and the shared one is emptied;
@@ -22,8 +23,6 @@ from __future__ import annotations
 
 import struct
 from typing import Any
-
-import fdt
 
 from khod.errors import Errno, KhoError
 from khod.kho.tree import (
@@ -53,6 +52,8 @@ class DtbError(KhoError):
 
 
 def _fdt_node(name: str, node: Node) -> Any:
+    import fdt
+
     out = fdt.Node(name)
     props = []
     for pname in sorted(node.props):
@@ -73,6 +74,8 @@ def _fdt_node(name: str, node: Node) -> Any:
 
 def to_dtb(root: Node) -> bytes:
     """A version-17 DTB of the tree; the same tree always gives the same bytes."""
+    import fdt
+
     tree = fdt.FDT(entries=[])
     tree.entries = []
     tree.header.version = FDT_VERSION
@@ -207,6 +210,8 @@ def _clean(blob: bytes) -> bytes:
 
 def _raw(prop: Any) -> bytes:
     """Undo ``fdt``'s type guessing: the exact bytes of any property class."""
+    import fdt
+
     if isinstance(prop, fdt.PropStrings):
         return b"".join(s.encode("ascii") + b"\0" for s in prop.data)
     if isinstance(prop, fdt.PropWords):
@@ -228,6 +233,8 @@ def _from_fdt(fnode: Any) -> Node:
 def from_dtb(blob: bytes | bytearray | memoryview) -> Node:
     """Parse an untrusted DTB into a tree; any defect, or any excess over the format's
     limits (docs/format.md §8), raises :class:`DtbError`."""
+    import fdt
+
     data = _clean(bytes(blob))
     shared = fdt.FDT().entries  # the package's shared default list
     try:
