@@ -110,20 +110,44 @@ class Connection:
         self._closing = False
         self._scope: trio.CancelScope | None = None
         self._held = 0  # bytes of an unfinished frame, counted in ``buffered``
+        self._queued = 0  # frames handed to the writer and not yet written (keeps the order)
 
     @property
     def key(self) -> int:
         return self.caller.key
 
     async def send(self, message: dict[str, Any], fds: tuple[int, ...] = ()) -> None:
-        """Queue a reply; waits for room (only this connection stalls)."""
-        with contextlib.suppress(trio.ClosedResourceError, trio.BrokenResourceError):
-            await self._send.send((encode(message), fds))
+        """Send a reply, or queue it; waits for room (only this connection stalls).
+
+        With nothing queued before it, a reply goes straight into the socket
+        (it is non-blocking): handing it to the writer task would cost a task
+        switch and a scheduler pass per request, as much as the rest of a
+        small request together. What the socket does not take, and any error,
+        is left to the writer, which applies ``send_timeout_s`` and closes.
+        """
+        data = encode(message)
+        if not fds and not self._queued and not self._closing:
+            try:
+                sent = os.write(self.stream.socket.fileno(), data)
+            except OSError:  # EAGAIN, or a broken peer: the writer meets it too
+                sent = 0
+            if sent == len(data):
+                return
+            data = data[sent:]
+        self._queued += 1
+        try:
+            await self._send.send((data, fds))
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            self._queued -= 1  # closing: replies after close are dropped
+        except BaseException:
+            self._queued -= 1  # cancelled before it went in
+            raise
 
     def push(self, message: dict[str, Any]) -> bool:
         """Queue an event without waiting; a full queue cuts the connection off."""
         try:
             self._send.send_nowait((encode(message), ()))
+            self._queued += 1
         except trio.WouldBlock:
             self.log.warning(
                 "conn.slow_consumer", conn=label(self.caller), queued=self.limits.send_queue
@@ -202,7 +226,9 @@ class Connection:
                 return
             if decoder.pending and (before == 0 or messages):
                 deadline = trio.current_time() + timeout  # a new frame began
-            for msg in messages:
+            for i, msg in enumerate(messages):
+                if i:  # a reply sent straight is no checkpoint: several requests in one read
+                    await trio.lowlevel.checkpoint()  # must still let everyone else in
                 served = True
                 response = await self.handle(self.caller, msg)
                 await self.send(response.message, response.fds)
@@ -232,6 +258,7 @@ class Connection:
                     async for data, fds in self._recv:
                         slow.deadline = trio.current_time() + self.limits.send_timeout_s
                         await self._write(data, fds)
+                        self._queued -= 1
                         slow.deadline = math.inf
                 if slow.cancelled_caught:
                     self.log.warning(
