@@ -31,8 +31,8 @@ import socket
 import stat
 import struct
 import traceback
-from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections import Counter, deque
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -283,6 +283,48 @@ class Connection:
             await self.stream.send_all(data)
 
 
+class Turn(contextlib.AbstractAsyncContextManager[None]):
+    """Hold the turn of one session: its requests run one at a time, in arrival order.
+
+    ``turns`` maps a session whose turn is taken to the requests waiting for
+    it. The usual case, a free turn, is a dict entry: no lock is built and
+    there is no trip through the scheduler, which costs as much as a small
+    request itself.
+    """
+
+    __slots__ = ("_key", "_turns")
+
+    def __init__(self, turns: dict[tuple[int, str], deque[trio.Event]], key: tuple[int, str]):
+        self._turns = turns
+        self._key = key
+
+    async def __aenter__(self) -> None:
+        waiting = self._turns.get(self._key)
+        if waiting is None:
+            self._turns[self._key] = deque()
+            return
+        handed = trio.Event()
+        waiting.append(handed)
+        try:
+            await handed.wait()
+        except BaseException:  # cancelled while waiting: no longer in the line
+            if handed.is_set():
+                self._pass_on()
+            else:
+                waiting.remove(handed)
+            raise
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._pass_on()
+
+    def _pass_on(self) -> None:
+        waiting = self._turns[self._key]
+        if waiting:
+            waiting.popleft().set()
+        else:
+            del self._turns[self._key]
+
+
 class Connections:
     """Every open connection by key: who the lifecycle notifies and tells of a handover."""
 
@@ -345,7 +387,7 @@ class Server:
         self.metrics = metrics
         self.handle_signals = handle_signals
         self._keys = itertools.count(1)
-        self._session_locks: dict[tuple[int, str], tuple[trio.Lock, int]] = {}
+        self._turns: dict[tuple[int, str], deque[trio.Event]] = {}  # see Turn
         self._groups: dict[tuple[int, int], frozenset[int]] = {}
         self.stopping = trio.Event()
         self._idle = trio.Event()  # set when stopping and the last connection is gone
@@ -384,26 +426,9 @@ class Server:
 
         return report
 
-    @contextlib.asynccontextmanager
-    async def serial(self, key: tuple[int, str]) -> AsyncIterator[None]:
+    def serial(self, key: tuple[int, str]) -> Turn:
         """One request of session ``key`` at a time, across its connections."""
-        lock, users = self._session_locks.get(key, (trio.Lock(), 0))
-        self._session_locks[key] = (lock, users + 1)
-        try:
-            try:  # the usual case, a free turn, costs no trip through the scheduler
-                lock.acquire_nowait()
-            except trio.WouldBlock:
-                await lock.acquire()
-            try:
-                yield
-            finally:
-                lock.release()
-        finally:
-            lock, users = self._session_locks[key]
-            if users == 1:
-                del self._session_locks[key]
-            else:
-                self._session_locks[key] = (lock, users - 1)
+        return Turn(self._turns, key)
 
     def evict(self, key: tuple[int, str], spare: int | None = None) -> int:
         gone = [

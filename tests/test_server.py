@@ -14,6 +14,7 @@ from khoclient import AsyncClient, Folio, KhoError
 
 from khod.errors import Errno
 from khod.protocol import Decoder, Limits, encode
+from khod.server import Turn
 
 from .helpers import inproc_daemon
 
@@ -319,3 +320,33 @@ async def test_replies_keep_their_order_when_the_socket_fills(shm_dir: Path) -> 
     assert all("result" in r for r in replies), [r for r in replies if "result" not in r][:1]
     assert replies[301]["result"]["value"] == replies[302]["result"]["value"] == big
     assert [i for i, r in enumerate(replies) if "nfds" in r] == [603, 904]
+
+
+async def test_a_session_turn_is_taken_in_arrival_order() -> None:
+    """Server.serial: one holder per session, waiters served first come first, cancels leave."""
+    turns: dict[tuple[int, str], Any] = {}
+    log: list[str] = []
+    release = {name: trio.Event() for name in ("a", "b", "c", "d", "other")}
+    gone = trio.CancelScope()
+
+    async def request(name: str, key: tuple[int, str] = (1, "s")) -> None:
+        with gone if name == "c" else trio.CancelScope():
+            async with Turn(turns, key):
+                log.append(f"{name}+")
+                await release[name].wait()
+                log.append(f"{name}-")
+
+    async with trio.open_nursery() as n:
+        for name in "abcd":
+            n.start_soon(request, name)
+            await trio.testing.wait_all_tasks_blocked()
+        release["other"].set()
+        n.start_soon(request, "other", (2, "s"))  # another session does not wait
+        await trio.testing.wait_all_tasks_blocked()
+        assert log == ["a+", "other+", "other-"]
+        gone.cancel()  # c gives up while waiting
+        await trio.testing.wait_all_tasks_blocked()
+        for name in "abd":
+            release[name].set()
+    assert log == ["a+", "other+", "other-", "a-", "b+", "b-", "d+", "d-"]
+    assert turns == {}
