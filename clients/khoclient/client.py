@@ -39,6 +39,7 @@ from . import calls as C
 from .calls import Call, Folio, NodeInfo, RegionInfo
 from .core import (
     ANCILLARY,
+    CTRUNC,
     RECV_FLAGS,
     Core,
     NotifierEvent,
@@ -53,6 +54,7 @@ T = TypeVar("T")
 Callback = Callable[[NotifierEvent], None]
 Item = tuple[int | None, Reply] | dict[str, Any]
 JOIN_S = 5.0  # how long close() waits for the client's threads and the reading role
+RECV_NOWAIT = RECV_FLAGS | int(socket.MSG_DONTWAIT)  # after poll: never block holding the role
 
 
 class _Pending:
@@ -62,6 +64,9 @@ class _Pending:
         self.reply: Reply | None = None
         self.progress = progress
         self.wake: threading.Event | None = None  # set once its thread sleeps on it
+
+    def arrived(self) -> bool:
+        return self.reply is not None
 
 
 class _HandedOver(threading.Event):
@@ -153,16 +158,18 @@ class Client:
     def _read_once(self) -> None:
         """One recvmsg: decode, route; the end of the stream or a broken one fails every call."""
         try:
-            data, anc, flags, _ = self._sock.recvmsg(
-                1 << 16, ANCILLARY, RECV_FLAGS | socket.MSG_DONTWAIT
-            )
+            data, anc, flags, _ = self._sock.recvmsg(1 << 16, ANCILLARY, RECV_NOWAIT)
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
             self._fail_all(f"connection lost: {exc}")
             return
         try:
-            self._inbox.extend(self._core.ingest(data, anc, flags))
+            if anc or flags:
+                self._core.take_fds(anc)
+                if flags & CTRUNC:
+                    raise KhoError(Errno.EPROTO, "file descriptors were truncated in transit")
+            self._inbox.extend(self._core.feed(data))
         except (FrameError, KhoError) as exc:
             self._route()
             self._fail_all(f"connection lost: {exc}")
@@ -454,7 +461,7 @@ class Client:
             raise KhoError(Errno.EPROTO, f"sending {call.op} failed: {exc}") from None
         limit = self.timeout if timeout is None else timeout
         deadline = None if limit is None else time.monotonic() + limit
-        if not self._await(lambda: waiter.reply is not None, deadline, waiter):
+        if not self._await(waiter.arrived, deadline, waiter):
             self._pending.pop(req_id, None)
             if waiter.reply is None:
                 raise timeout_error(call.op, limit)
