@@ -111,6 +111,7 @@ class Connection:
         self._scope: trio.CancelScope | None = None
         self._held = 0  # bytes of an unfinished frame, counted in ``buffered``
         self._queued = 0  # frames handed to the writer and not yet written (keeps the order)
+        self._fd = stream.socket.fileno()  # open for as long as run() runs
 
     @property
     def key(self) -> int:
@@ -128,7 +129,7 @@ class Connection:
         data = encode(message)
         if not fds and not self._queued and not self._closing:
             try:
-                sent = os.write(self.stream.socket.fileno(), data)
+                sent = os.write(self._fd, data)
             except OSError:  # EAGAIN, or a broken peer: the writer meets it too
                 sent = 0
             if sent == len(data):
@@ -192,13 +193,19 @@ class Connection:
             await trio.aclose_forcefully(self.stream)
 
     async def _receive(self, deadline: float) -> bytes | None:
-        """The next bytes from the peer; None when it is gone or too slow."""
+        """The next bytes from the peer; None when it is gone or too slow.
+
+        Read from the trio socket itself: the stream's ``receive_some`` only
+        adds a generator context manager per read, to turn OSError into its
+        own errors, and both mean the same here.
+        """
+        sock = self.stream.socket
         try:
             if deadline == math.inf:  # between requests: no cancel scope to pay for
-                return await self.stream.receive_some(1 << 16)
+                return await sock.recv(1 << 16)
             with trio.move_on_at(deadline):
-                return await self.stream.receive_some(1 << 16)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return await sock.recv(1 << 16)
+        except (OSError, trio.ClosedResourceError):
             return None
         self.log.warning(
             "conn.timeout",
@@ -212,19 +219,21 @@ class Connection:
         timeout = self.limits.request_timeout_s
         deadline = trio.current_time() + timeout  # the first request must come
         served = False
+        pending = 0  # bytes of an unfinished frame
         while True:
-            data = await self._receive(deadline if decoder.pending or not served else math.inf)
+            data = await self._receive(deadline if pending or not served else math.inf)
             if not data:
                 return
-            before = decoder.pending
+            before = pending
             try:
                 messages = decoder.feed(data)
             except FrameError as exc:
                 self.log.warning("conn.bad_frame", conn=label(self.caller), reason=str(exc))
                 return
-            if not self._hold(decoder.pending):
+            pending = decoder.pending
+            if pending != self._held and not self._hold(pending):
                 return
-            if decoder.pending and (before == 0 or messages):
+            if pending and (before == 0 or messages):
                 deadline = trio.current_time() + timeout  # a new frame began
             for i, msg in enumerate(messages):
                 if i:  # a reply sent straight is no checkpoint: several requests in one read
@@ -236,7 +245,7 @@ class Connection:
                     response.after()
                 if self.closing:
                     return
-            if messages and decoder.pending:
+            if messages and pending:
                 deadline = trio.current_time() + timeout  # time we spent serving it is not its
 
     def _hold(self, pending: int) -> bool:

@@ -321,6 +321,17 @@ def test_a_timed_out_reply_is_dropped_and_its_fds_closed(shm_dir: Path) -> None:
     os.close(w)
 
 
+def test_a_reply_with_a_malformed_fd_count_carries_no_fds(shm_dir: Path) -> None:
+    def script(p: Peer) -> None:
+        for nfds in ("two", -1, 2):  # the last announces fds that never came
+            r = p.read()
+            p.send(id=r["id"], result={"nfds": str(nfds)}, nfds=nfds)
+
+    with scripted(shm_dir, script) as path, Client(path) as c:
+        assert [c.status()["nfds"] for _ in range(3)] == ["two", "-1", "2"]
+        assert not c._core.fds
+
+
 # ----------------------------------------------------------------------------- the real daemon
 
 

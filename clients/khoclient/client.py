@@ -45,6 +45,7 @@ from .core import (
     NotifierEvent,
     Reply,
     Veto,
+    decode_reply,
     default_socket,
     notifier_event,
     timeout_error,
@@ -461,12 +462,17 @@ class Client:
             raise KhoError(Errno.EPROTO, f"sending {call.op} failed: {exc}") from None
         limit = self.timeout if timeout is None else timeout
         deadline = None if limit is None else time.monotonic() + limit
-        if not self._await(waiter.arrived, deadline, waiter):
+        if self._read_lock.acquire(blocking=False):  # nobody reads: we do, no handoff
+            self._lead_locked(threading.get_ident(), waiter.arrived, deadline)
+        else:
+            self._await(waiter.arrived, deadline, waiter)
+        reply = waiter.reply
+        if reply is None:
             self._pending.pop(req_id, None)
-            if waiter.reply is None:
+            reply = waiter.reply  # (routed just now?)
+            if reply is None:
                 raise timeout_error(call.op, limit)
-        assert waiter.reply is not None
-        result: T = self._core.finish(call, waiter.reply)
+        result: T = decode_reply(call, reply) if not reply.fds else self._core.finish(call, reply)
         if call.op == "subscribe":  # events may come while nobody calls: someone must read
             self._threaded(bool(result) or self.on_handover is not None)
         return result
