@@ -406,6 +406,13 @@ LAYERS = [
 ]
 
 
+# khod's main() ends with os._exit (no teardown), which would lose cProfile's output: profile run()
+PROFILED_KHOD = (
+    "import cProfile, sys; from khod.main import run; out, cfg = sys.argv[1:]; "
+    "sys.argv = ['khod', '-c', cfg]; cProfile.run('run()', out)"
+)
+
+
 def _profiled(n: int) -> tuple[dict[str, tuple[int, float]], float]:
     """Own time and calls of every function of a khod run under cProfile with ``n`` round
     trips after hello and alloc_folio; and the round trips' wall time."""
@@ -417,7 +424,7 @@ def _profiled(n: int) -> tuple[dict[str, tuple[int, float]], float]:
         cfg = write_config(d)
         with open(d / "khod.log", "ab") as log:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "cProfile", "-o", str(out), "-m", "khod", "-c", str(cfg)],
+                [sys.executable, "-c", PROFILED_KHOD, str(out), str(cfg)],
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
