@@ -31,8 +31,8 @@ import socket
 import stat
 import struct
 import traceback
-from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections import Counter, deque
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -110,20 +110,45 @@ class Connection:
         self._closing = False
         self._scope: trio.CancelScope | None = None
         self._held = 0  # bytes of an unfinished frame, counted in ``buffered``
+        self._queued = 0  # frames handed to the writer and not yet written (keeps the order)
+        self._fd = stream.socket.fileno()  # open for as long as run() runs
 
     @property
     def key(self) -> int:
         return self.caller.key
 
     async def send(self, message: dict[str, Any], fds: tuple[int, ...] = ()) -> None:
-        """Queue a reply; waits for room (only this connection stalls)."""
-        with contextlib.suppress(trio.ClosedResourceError, trio.BrokenResourceError):
-            await self._send.send((encode(message), fds))
+        """Send a reply, or queue it; waits for room (only this connection stalls).
+
+        With nothing queued before it, a reply goes straight into the socket
+        (it is non-blocking): handing it to the writer task would cost a task
+        switch and a scheduler pass per request, as much as the rest of a
+        small request together. What the socket does not take, and any error,
+        is left to the writer, which applies ``send_timeout_s`` and closes.
+        """
+        data = encode(message)
+        if not fds and not self._queued and not self._closing:
+            try:
+                sent = os.write(self._fd, data)
+            except OSError:  # EAGAIN, or a broken peer: the writer meets it too
+                sent = 0
+            if sent == len(data):
+                return
+            data = data[sent:]
+        self._queued += 1
+        try:
+            await self._send.send((data, fds))
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            self._queued -= 1  # closing: replies after close are dropped
+        except BaseException:
+            self._queued -= 1  # cancelled before it went in
+            raise
 
     def push(self, message: dict[str, Any]) -> bool:
         """Queue an event without waiting; a full queue cuts the connection off."""
         try:
             self._send.send_nowait((encode(message), ()))
+            self._queued += 1
         except trio.WouldBlock:
             self.log.warning(
                 "conn.slow_consumer", conn=label(self.caller), queued=self.limits.send_queue
@@ -168,13 +193,19 @@ class Connection:
             await trio.aclose_forcefully(self.stream)
 
     async def _receive(self, deadline: float) -> bytes | None:
-        """The next bytes from the peer; None when it is gone or too slow."""
+        """The next bytes from the peer; None when it is gone or too slow.
+
+        Read from the trio socket itself: the stream's ``receive_some`` only
+        adds a generator context manager per read, to turn OSError into its
+        own errors, and both mean the same here.
+        """
+        sock = self.stream.socket
         try:
             if deadline == math.inf:  # between requests: no cancel scope to pay for
-                return await self.stream.receive_some(1 << 16)
+                return await sock.recv(1 << 16)
             with trio.move_on_at(deadline):
-                return await self.stream.receive_some(1 << 16)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return await sock.recv(1 << 16)
+        except (OSError, trio.ClosedResourceError):
             return None
         self.log.warning(
             "conn.timeout",
@@ -188,21 +219,25 @@ class Connection:
         timeout = self.limits.request_timeout_s
         deadline = trio.current_time() + timeout  # the first request must come
         served = False
+        pending = 0  # bytes of an unfinished frame
         while True:
-            data = await self._receive(deadline if decoder.pending or not served else math.inf)
+            data = await self._receive(deadline if pending or not served else math.inf)
             if not data:
                 return
-            before = decoder.pending
+            before = pending
             try:
                 messages = decoder.feed(data)
             except FrameError as exc:
                 self.log.warning("conn.bad_frame", conn=label(self.caller), reason=str(exc))
                 return
-            if not self._hold(decoder.pending):
+            pending = decoder.pending
+            if pending != self._held and not self._hold(pending):
                 return
-            if decoder.pending and (before == 0 or messages):
+            if pending and (before == 0 or messages):
                 deadline = trio.current_time() + timeout  # a new frame began
-            for msg in messages:
+            for i, msg in enumerate(messages):
+                if i:  # a reply sent straight is no checkpoint: several requests in one read
+                    await trio.lowlevel.checkpoint()  # must still let everyone else in
                 served = True
                 response = await self.handle(self.caller, msg)
                 await self.send(response.message, response.fds)
@@ -210,7 +245,7 @@ class Connection:
                     response.after()
                 if self.closing:
                     return
-            if messages and decoder.pending:
+            if messages and pending:
                 deadline = trio.current_time() + timeout  # time we spent serving it is not its
 
     def _hold(self, pending: int) -> bool:
@@ -232,6 +267,7 @@ class Connection:
                     async for data, fds in self._recv:
                         slow.deadline = trio.current_time() + self.limits.send_timeout_s
                         await self._write(data, fds)
+                        self._queued -= 1
                         slow.deadline = math.inf
                 if slow.cancelled_caught:
                     self.log.warning(
@@ -254,6 +290,48 @@ class Connection:
                 await self.stream.send_all(data[sent:])
         else:
             await self.stream.send_all(data)
+
+
+class Turn(contextlib.AbstractAsyncContextManager[None]):
+    """Hold the turn of one session: its requests run one at a time, in arrival order.
+
+    ``turns`` maps a session whose turn is taken to the requests waiting for
+    it. The usual case, a free turn, is a dict entry: no lock is built and
+    there is no trip through the scheduler, which costs as much as a small
+    request itself.
+    """
+
+    __slots__ = ("_key", "_turns")
+
+    def __init__(self, turns: dict[tuple[int, str], deque[trio.Event]], key: tuple[int, str]):
+        self._turns = turns
+        self._key = key
+
+    async def __aenter__(self) -> None:
+        waiting = self._turns.get(self._key)
+        if waiting is None:
+            self._turns[self._key] = deque()
+            return
+        handed = trio.Event()
+        waiting.append(handed)
+        try:
+            await handed.wait()
+        except BaseException:  # cancelled while waiting: no longer in the line
+            if handed.is_set():
+                self._pass_on()
+            else:
+                waiting.remove(handed)
+            raise
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._pass_on()
+
+    def _pass_on(self) -> None:
+        waiting = self._turns[self._key]
+        if waiting:
+            waiting.popleft().set()
+        else:
+            del self._turns[self._key]
 
 
 class Connections:
@@ -318,7 +396,7 @@ class Server:
         self.metrics = metrics
         self.handle_signals = handle_signals
         self._keys = itertools.count(1)
-        self._session_locks: dict[tuple[int, str], tuple[trio.Lock, int]] = {}
+        self._turns: dict[tuple[int, str], deque[trio.Event]] = {}  # see Turn
         self._groups: dict[tuple[int, int], frozenset[int]] = {}
         self.stopping = trio.Event()
         self._idle = trio.Event()  # set when stopping and the last connection is gone
@@ -357,26 +435,9 @@ class Server:
 
         return report
 
-    @contextlib.asynccontextmanager
-    async def serial(self, key: tuple[int, str]) -> AsyncIterator[None]:
+    def serial(self, key: tuple[int, str]) -> Turn:
         """One request of session ``key`` at a time, across its connections."""
-        lock, users = self._session_locks.get(key, (trio.Lock(), 0))
-        self._session_locks[key] = (lock, users + 1)
-        try:
-            try:  # the usual case, a free turn, costs no trip through the scheduler
-                lock.acquire_nowait()
-            except trio.WouldBlock:
-                await lock.acquire()
-            try:
-                yield
-            finally:
-                lock.release()
-        finally:
-            lock, users = self._session_locks[key]
-            if users == 1:
-                del self._session_locks[key]
-            else:
-                self._session_locks[key] = (lock, users - 1)
+        return Turn(self._turns, key)
 
     def evict(self, key: tuple[int, str], spare: int | None = None) -> int:
         gone = [

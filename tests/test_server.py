@@ -13,7 +13,8 @@ import trio.testing
 from khoclient import AsyncClient, Folio, KhoError
 
 from khod.errors import Errno
-from khod.protocol import Decoder, encode
+from khod.protocol import Decoder, Limits, encode
+from khod.server import Turn
 
 from .helpers import inproc_daemon
 
@@ -283,3 +284,69 @@ async def test_connection_limit_per_uid(shm_dir: Path) -> None:
         await third.aclose()
         await one.ping()
         await two.ping()
+
+
+async def test_replies_keep_their_order_when_the_socket_fills(shm_dir: Path) -> None:
+    """Small replies go straight into the socket, the rest through the writer: never reordered.
+
+    One write carries pings around a reply larger than the socket buffer and a
+    reply with an fd; the peer reads nothing until every request is in. The
+    big reply fills the socket, so it and every reply after it must queue
+    behind it, and then the socket takes replies directly again.
+    """
+    big = bytes(range(256)) * 1024  # 256 KiB: twice that is more than a Unix socket buffers
+    async with inproc_daemon(shm_dir) as d:
+        async with AsyncClient(d.socket, "order") as c:
+            await c.add_node("/n")
+            await c.add_prop("/n", "big", big)
+        stream = await trio.open_unix_socket(d.socket)
+        batch: list[dict[str, Any]] = [{"op": "hello", "name": "order"}]
+        for part in range(3):
+            batch += [{"op": "ping"}] * 300
+            if part == 0:
+                batch += [{"op": "get_prop", "path": "/n", "name": "big", "tree": "out"}] * 2
+            else:
+                batch.append({"op": "region"})
+        batch += [{"op": "ping"}] * 300
+        await stream.send_all(b"".join(encode({"id": i, **m}) for i, m in enumerate(batch)))
+        decoder, replies = Decoder(Limits(max_frame=4 << 20)), []
+        with trio.fail_after(10):
+            while len(replies) < len(batch):
+                data = await stream.receive_some(1 << 16)
+                assert data, "connection closed"
+                replies += decoder.feed(data)
+        await stream.aclose()
+    assert [r["id"] for r in replies] == list(range(len(batch)))
+    assert all("result" in r for r in replies), [r for r in replies if "result" not in r][:1]
+    assert replies[301]["result"]["value"] == replies[302]["result"]["value"] == big
+    assert [i for i, r in enumerate(replies) if "nfds" in r] == [603, 904]
+
+
+async def test_a_session_turn_is_taken_in_arrival_order() -> None:
+    """Server.serial: one holder per session, waiters served first come first, cancels leave."""
+    turns: dict[tuple[int, str], Any] = {}
+    log: list[str] = []
+    release = {name: trio.Event() for name in ("a", "b", "c", "d", "other")}
+    gone = trio.CancelScope()
+
+    async def request(name: str, key: tuple[int, str] = (1, "s")) -> None:
+        with gone if name == "c" else trio.CancelScope():
+            async with Turn(turns, key):
+                log.append(f"{name}+")
+                await release[name].wait()
+                log.append(f"{name}-")
+
+    async with trio.open_nursery() as n:
+        for name in "abcd":
+            n.start_soon(request, name)
+            await trio.testing.wait_all_tasks_blocked()
+        release["other"].set()
+        n.start_soon(request, "other", (2, "s"))  # another session does not wait
+        await trio.testing.wait_all_tasks_blocked()
+        assert log == ["a+", "other+", "other-"]
+        gone.cancel()  # c gives up while waiting
+        await trio.testing.wait_all_tasks_blocked()
+        for name in "abd":
+            release[name].set()
+    assert log == ["a+", "other+", "other-", "a-", "b+", "b-", "d+", "d-"]
+    assert turns == {}

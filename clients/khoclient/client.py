@@ -1,18 +1,32 @@
-"""The blocking client: one socket, a reader thread, a callback thread.
+"""The blocking client: the calling thread reads its own reply; a reader thread when subscribed.
 
-Calls may come from any thread (a FINALIZE callback may preserve more memory
-while the main thread waits on another call): the reader thread routes each
-reply to its caller by id, and notifier callbacks run on their own thread so
-a callback that calls the daemon never blocks the reader.
+Whoever waits reads. A call writes its request and then, if no other thread
+is reading the socket, reads it itself until its reply has come, routing
+whatever else arrives meanwhile (other threads' replies, progress events,
+the handover event) as a reader thread would. There is no handoff between
+threads on that path, which is what makes an unsubscribed client fast. A
+thread that finds another one reading sleeps until that one routes its reply
+to it or stops reading, then takes over.
+
+Notifier events (FINALIZE, UNFREEZE) must be answered even while nobody
+calls, so while the connection is subscribed, or when ``on_handover`` is
+given, a reader thread holds the reading role for good and every call waits
+for it to route the reply. Notifier callbacks run on a thread of their own,
+so a callback that calls the daemon never blocks the reader.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import queue
+import select
 import socket
 import threading
+import time
+import weakref
+from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
@@ -25,11 +39,13 @@ from . import calls as C
 from .calls import Call, Folio, NodeInfo, RegionInfo
 from .core import (
     ANCILLARY,
+    CTRUNC,
     RECV_FLAGS,
     Core,
     NotifierEvent,
     Reply,
     Veto,
+    decode_reply,
     default_socket,
     notifier_event,
     timeout_error,
@@ -37,15 +53,46 @@ from .core import (
 
 T = TypeVar("T")
 Callback = Callable[[NotifierEvent], None]
+Item = tuple[int | None, Reply] | dict[str, Any]
+JOIN_S = 5.0  # how long close() waits for the client's threads and the reading role
+RECV_NOWAIT = RECV_FLAGS | int(socket.MSG_DONTWAIT)  # after poll: never block holding the role
 
 
 class _Pending:
-    __slots__ = ("done", "progress", "reply")
+    __slots__ = ("progress", "reply", "wake")
 
     def __init__(self, progress: Callable[[dict[str, Any]], None] | None) -> None:
-        self.done = threading.Event()
         self.reply: Reply | None = None
         self.progress = progress
+        self.wake: threading.Event | None = None  # set once its thread sleeps on it
+
+    def arrived(self) -> bool:
+        return self.reply is not None
+
+
+class _HandedOver(threading.Event):
+    """``Client.handed_over``: looking at it reads what has arrived when nobody else reads.
+
+    Without a reader thread an idle connection is read by no one, so
+    ``is_set()`` first takes in what the daemon has already sent, and
+    ``wait()`` reads the socket until the handover event comes.
+    """
+
+    def __init__(self, client: Client) -> None:
+        super().__init__()
+        self._client = weakref.ref(client)
+
+    def is_set(self) -> bool:
+        client = self._client()
+        if not super().is_set() and client is not None:
+            client._catch_up()
+        return super().is_set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        client = self._client()
+        if super().is_set() or client is None:
+            return super().wait(timeout)
+        return client._wait_handover(timeout)
 
 
 class Client:
@@ -64,7 +111,7 @@ class Client:
         self.socket_path = default_socket(socket_path)
         self.timeout = timeout
         self.on_handover = on_handover
-        self.handed_over = threading.Event()
+        self.handed_over = _HandedOver(self)
         self._core = Core()
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
@@ -74,86 +121,302 @@ class Client:
             raise KhoError(
                 Errno.ENOENT, f"cannot reach khod at {self.socket_path}: {exc.strerror}"
             ) from None
+        self._poll = select.poll()  # used by whoever holds the reading role
+        self._poll.register(self._sock, select.POLLIN)
         self._send_lock = threading.Lock()
         self._pending: dict[int, _Pending] = {}
-        self._plock = threading.Lock()
         self._closed = False
         self._close_reason = "connection closed"
         self._callbacks: dict[str, Callback] = {}
         self._events: queue.Queue[NotifierEvent | None] = queue.Queue()
-        self._reader = threading.Thread(
-            target=self._read_loop, name="khoclient-reader", daemon=True
-        )
-        self._reader.start()
-        self._dispatcher = threading.Thread(
-            target=self._callback_loop, name="khoclient-callbacks", daemon=True
-        )
-        self._dispatcher.start()
+        # the reading role: one thread at a time reads the socket and routes what it reads
+        self._read_lock = threading.Lock()
+        self._reading: int | None = None  # the thread ident holding it
+        self._inbox: deque[Item] = deque()  # decoded, not yet routed (a nested reader goes on)
+        self._sleepers: set[threading.Event] = set()  # threads waiting for the role to be free
+        self._local = threading.local()
+        # the reader and callback threads, started only when needed
+        self._threads_lock = threading.Lock()
+        self._reader: threading.Thread | None = None
+        self._reader_stop = False
+        self._bell: tuple[int, int] | None = None  # a pipe that wakes the reader thread
+        self._dispatcher: threading.Thread | None = None
         self.session: str | None = None
         self.persistent = persistent
         self.uid = uid
         self.hello_info: dict[str, Any] = {}
-        if session is not None:
-            try:
-                self.hello(session, persistent, uid)
-            except BaseException:
-                self.close()
-                raise
-
-    # ----------------------------------------------------------------- plumbing
-
-    def _read_loop(self) -> None:
         try:
-            while True:
-                data, anc, flags, _ = self._sock.recvmsg(1 << 16, ANCILLARY, RECV_FLAGS)
-                items = self._core.ingest(data, anc, flags)
-                if not data:
-                    break
-                for item in items:
-                    if isinstance(item, dict):
-                        self._on_event(item)
-                        continue
-                    req_id, reply = item
-                    with self._plock:
-                        waiter = (
-                            self._pending.pop(req_id, None) if isinstance(req_id, int) else None
-                        )
-                    if waiter is None:
-                        for fd in reply.fds or []:
-                            os.close(fd)
-                        continue
-                    waiter.reply = reply
-                    waiter.done.set()
-        except (OSError, FrameError, KhoError) as exc:
-            self._close_reason = f"connection lost: {exc}"
-        finally:
-            self._fail_all()
-            self._events.put(None)
+            if on_handover is not None:  # a callback promised: someone must always read
+                self._threaded(True)
+            if session is not None:
+                self.hello(session, persistent, uid)
+        except BaseException:
+            self.close()
+            raise
 
-    def _fail_all(self) -> None:
-        self._closed = True
-        with self._plock:
-            waiters, self._pending = list(self._pending.values()), {}
-        for w in waiters:
-            w.reply = Reply(error=KhoError(Errno.EPROTO, self._close_reason))
-            w.done.set()
+    # ----------------------------------------------------------------- reading and routing
+
+    def _read_once(self) -> None:
+        """One recvmsg: decode, route; the end of the stream or a broken one fails every call."""
+        try:
+            data, anc, flags, _ = self._sock.recvmsg(1 << 16, ANCILLARY, RECV_NOWAIT)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._fail_all(f"connection lost: {exc}")
+            return
+        try:
+            if anc or flags:
+                self._core.take_fds(anc)
+                if flags & CTRUNC:
+                    raise KhoError(Errno.EPROTO, "file descriptors were truncated in transit")
+            self._inbox.extend(self._core.feed(data))
+        except (FrameError, KhoError) as exc:
+            self._route()
+            self._fail_all(f"connection lost: {exc}")
+            return
+        self._route()
+        if not data:
+            self._fail_all("connection closed")
+
+    def _route(self) -> None:
+        """Replies to their callers, progress to the call's callback, events to their handlers."""
+        while self._inbox:
+            item = self._inbox.popleft()
+            if isinstance(item, dict):
+                self._on_event(item)
+                continue
+            req_id, reply = item
+            waiter = self._pending.pop(req_id, None) if isinstance(req_id, int) else None
+            if waiter is None:  # timed out, or never ours
+                for fd in reply.fds or []:
+                    os.close(fd)
+                continue
+            waiter.reply = reply
+            wake = waiter.wake
+            if wake is not None:
+                wake.set()
 
     def _on_event(self, msg: dict[str, Any]) -> None:
         kind = msg.get("event")
         if kind == "progress":
-            with self._plock:
-                waiter = self._pending.get(msg.get("request"))  # type: ignore[arg-type]
+            req = msg.get("request")
+            waiter = self._pending.get(req) if isinstance(req, int) else None
             if waiter is not None and waiter.progress is not None:
                 waiter.progress(msg)
             return
         if kind == "handover":
             self.handed_over.set()
+            self._wake_sleepers()
             if self.on_handover is not None:
                 self.on_handover(int(msg.get("generation", 0)))
             return
         ev = notifier_event(msg)
         if ev is not None:
+            self._start_dispatcher()
             self._events.put(ev)
+
+    def _fail_all(self, reason: str) -> None:
+        """The connection is over: every waiting call fails with ``reason`` (the first one)."""
+        if not self._closed:
+            self._close_reason = reason
+            self._closed = True  # before the swap: a call registered after it sees this
+        waiters, self._pending = self._pending, {}
+        for w in waiters.values():
+            w.reply = Reply(error=KhoError(Errno.EPROTO, self._close_reason))
+            if w.wake is not None:
+                w.wake.set()
+        self._wake_sleepers()
+        self._events.put(None)  # the callback thread, if any, ends after what is queued
+
+    def _wake_sleepers(self) -> None:
+        for wake in list(self._sleepers):
+            wake.set()
+
+    def _lead(self, done: Callable[[], bool], deadline: float | None) -> bool:
+        """Read and route until ``done()``; False at the deadline or once the stream is over."""
+        while not done():
+            if self._inbox:  # a nested call: route what the outer read left first
+                self._route()
+                continue
+            if self._closed:
+                return done()
+            if deadline is None:
+                wait_ms = None
+            else:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return done()
+                wait_ms = math.ceil(left * 1000)
+            if self._poll.poll(wait_ms):
+                self._read_once()
+        return True
+
+    def _await(
+        self, done: Callable[[], bool], deadline: float | None, waiter: _Pending | None = None
+    ) -> bool:
+        """Wait until ``done()`` (True) or the deadline (False), reading the socket when free."""
+        me = threading.get_ident()
+        if self._reading == me:  # a callback of ours calls the daemon: read on
+            return self._lead(done, deadline)
+        if self._read_lock.acquire(blocking=False):  # nobody reads: we do, no handoff
+            return self._lead_locked(me, done, deadline)
+        wake: threading.Event | None = getattr(self._local, "wake", None)
+        if wake is None:
+            wake = self._local.wake = threading.Event()
+        self._sleepers.add(wake)
+        if waiter is not None:
+            waiter.wake = wake
+        try:
+            while True:
+                wake.clear()  # every change after this is seen below, or wakes us
+                if done():
+                    return True
+                if self._read_lock.acquire(blocking=False):
+                    self._sleepers.discard(wake)
+                    return self._lead_locked(me, done, deadline)
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return done()
+                wake.wait(left)
+        finally:
+            self._sleepers.discard(wake)
+
+    def _lead_locked(self, me: int, done: Callable[[], bool], deadline: float | None) -> bool:
+        self._reading = me
+        try:
+            return self._lead(done, deadline)
+        finally:
+            self._release_role()
+
+    def _release_role(self) -> None:
+        self._reading = None
+        self._read_lock.release()
+        if self._sleepers:  # someone may be waiting for the role
+            self._wake_sleepers()
+
+    def _catch_up(self) -> None:
+        """Take in what has already arrived, if no one else is reading (``handed_over``)."""
+        me = threading.get_ident()
+        if self._reading == me:
+            self._drain()
+        elif self._read_lock.acquire(blocking=False):
+            self._reading = me
+            try:
+                self._drain()
+            finally:
+                self._release_role()
+
+    def _drain(self) -> None:
+        self._route()
+        while not self._closed and self._poll.poll(0):
+            self._read_once()
+
+    def _wait_handover(self, timeout: float | None) -> bool:
+        flag = self.handed_over
+        deadline = None if timeout is None else time.monotonic() + timeout
+
+        def seen() -> bool:
+            return threading.Event.is_set(flag)
+
+        if self._await(seen, deadline):
+            return True
+        if self._closed:  # nothing can come any more: wait out the time, as an Event does
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            return threading.Event.wait(flag, left)
+        return False
+
+    # ----------------------------------------------------------------- the threads
+
+    def _threaded(self, on: bool) -> None:
+        """Start (or stop) the reader thread that holds the reading role while subscribed."""
+        stopping: threading.Thread | None = None
+        with self._threads_lock:
+            if on:
+                self._reader_stop = False
+                if self._reader is None and not self._closed:
+                    if self._bell is None:
+                        r, w = os.pipe()
+                        os.set_blocking(r, False)
+                        self._bell = (r, w)
+                    self._reader = threading.Thread(
+                        target=self._read_loop, name="khoclient-reader", daemon=True
+                    )
+                    self._reader.start()
+            elif self._reader is not None:
+                self._reader_stop = True
+                stopping = self._reader
+                self._ring()
+        if stopping is not None and stopping is not threading.current_thread():
+            stopping.join(JOIN_S)
+
+    def _ring(self) -> None:
+        self._wake_sleepers()  # the reader may be waiting for the role
+        if self._bell is not None:
+            with contextlib.suppress(OSError):
+                os.write(self._bell[1], b"\0")
+
+    def _reader_done(self) -> bool:
+        """Whether the reader thread should end (it then no longer counts as running)."""
+        with self._threads_lock:
+            if self._reader_stop or self._closed:
+                if self._reader is threading.current_thread():
+                    self._reader = None
+                return True
+            return False
+
+    def _read_loop(self) -> None:
+        try:
+            if self._take_role():
+                try:
+                    self._read_until_stopped()
+                finally:
+                    self._release_role()
+        finally:
+            with self._threads_lock:  # ended by an error: no longer counts as running
+                if self._reader is threading.current_thread():
+                    self._reader = None
+
+    def _take_role(self) -> bool:
+        """Wait for the reading role (a caller may hold it until its reply is in)."""
+        wake = self._local.wake = threading.Event()
+        self._sleepers.add(wake)
+        try:
+            while True:
+                wake.clear()
+                if self._reader_done():
+                    return False
+                if self._read_lock.acquire(blocking=False):
+                    self._reading = threading.get_ident()
+                    return True
+                wake.wait()
+        finally:
+            self._sleepers.discard(wake)
+
+    def _read_until_stopped(self) -> None:
+        assert self._bell is not None
+        bell = self._bell[0]
+        poll = select.poll()
+        poll.register(self._sock, select.POLLIN)
+        poll.register(bell, select.POLLIN)
+        while not self._reader_done():
+            if self._inbox:
+                self._route()
+                continue
+            for fd, _ in poll.poll():
+                if fd == bell:
+                    with contextlib.suppress(OSError):
+                        os.read(bell, 512)
+                else:
+                    self._read_once()
+
+    def _start_dispatcher(self) -> None:
+        with self._threads_lock:
+            if self._dispatcher is None and not self._closed:
+                self._dispatcher = threading.Thread(
+                    target=self._callback_loop, name="khoclient-callbacks", daemon=True
+                )
+                self._dispatcher.start()
 
     def _callback_loop(self) -> None:
         while True:
@@ -172,6 +435,8 @@ class Client:
             with contextlib.suppress(KhoError):
                 self.call(C.notify_reply(ev.token, ok, reason, error))
 
+    # ----------------------------------------------------------------- calls
+
     def call(
         self,
         call: Call[T],
@@ -180,38 +445,65 @@ class Client:
         timeout: float | None = None,
     ) -> T:
         """Send one request and wait for its reply."""
-        if self._closed:
-            raise KhoError(Errno.EPROTO, self._close_reason)
         req_id, frame = self._core.frame(call)
         waiter = _Pending(progress)
-        with self._plock:
-            self._pending[req_id] = waiter
+        self._pending[req_id] = waiter
+        if self._closed:  # looked at after registering: _fail_all sets it before it fails calls
+            self._pending.pop(req_id, None)
+            raise KhoError(Errno.EPROTO, self._close_reason)
         try:
             with self._send_lock:
                 self._sock.sendall(frame)
         except OSError as exc:
-            with self._plock:
-                self._pending.pop(req_id, None)
+            self._pending.pop(req_id, None)
+            self._catch_up()  # the daemon may have closed: say so, as a reader would have
+            if self._closed:
+                raise KhoError(Errno.EPROTO, self._close_reason) from None
             raise KhoError(Errno.EPROTO, f"sending {call.op} failed: {exc}") from None
         limit = self.timeout if timeout is None else timeout
-        if not waiter.done.wait(limit):
-            with self._plock:
-                self._pending.pop(req_id, None)
-            raise timeout_error(call.op, limit)
-        assert waiter.reply is not None
-        result: T = self._core.finish(call, waiter.reply)
+        deadline = None if limit is None else time.monotonic() + limit
+        if self._read_lock.acquire(blocking=False):  # nobody reads: we do, no handoff
+            self._lead_locked(threading.get_ident(), waiter.arrived, deadline)
+        else:
+            self._await(waiter.arrived, deadline, waiter)
+        reply = waiter.reply
+        if reply is None:
+            self._pending.pop(req_id, None)
+            reply = waiter.reply  # (routed just now?)
+            if reply is None:
+                raise timeout_error(call.op, limit)
+        result: T = decode_reply(call, reply) if not reply.fds else self._core.finish(call, reply)
+        if call.op == "subscribe":  # events may come while nobody calls: someone must read
+            self._threaded(bool(result) or self.on_handover is not None)
         return result
 
     def close(self) -> None:
+        """Close the connection; calls waiting in other threads fail with EPROTO."""
         if self._sock.fileno() != -1:
             with contextlib.suppress(OSError):
                 self._sock.shutdown(socket.SHUT_RDWR)
-        if threading.current_thread() is not self._reader:
-            self._reader.join(timeout=5)
-        if threading.current_thread() is not self._dispatcher:
-            self._dispatcher.join(timeout=5)
-        self._sock.close()
-        self._core.close_fds()
+        self._fail_all("connection closed")
+        with self._threads_lock:
+            reader, dispatcher = self._reader, self._dispatcher
+            self._reader_stop = True
+        self._ring()
+        me = threading.current_thread()
+        for t in (reader, dispatcher):
+            if t is not None and t is not me:
+                t.join(JOIN_S)
+        # nobody may poll or read the fd once it is closed (its number could be reused)
+        held = self._reading != me.ident and self._read_lock.acquire(timeout=JOIN_S)
+        try:
+            self._sock.close()
+            self._core.close_fds()
+            if self._bell is not None and (reader is None or not reader.is_alive()):
+                for fd in self._bell:
+                    with contextlib.suppress(OSError):
+                        os.close(fd)
+                self._bell = None
+        finally:
+            if held:
+                self._read_lock.release()
 
     def __enter__(self) -> Client:
         return self

@@ -18,7 +18,9 @@ from .calls import PAGE_SIZE, Call, RegionInfo
 
 DEFAULT_SOCKET = "/run/khod/khod.sock"
 ANCILLARY = socket.CMSG_SPACE(16 * 4)  # room for a few fds per recvmsg
-RECV_FLAGS = socket.MSG_CMSG_CLOEXEC
+# plain ints: or-ing and and-ing the socket module's enum members costs microseconds per call
+RECV_FLAGS = int(socket.MSG_CMSG_CLOEXEC)
+CTRUNC = int(socket.MSG_CTRUNC)
 
 
 def default_socket(explicit: str | None = None) -> str:
@@ -82,20 +84,26 @@ class Core:
             if "event" in msg:
                 out.append(msg)
                 continue
-            nfds = msg.get("nfds", 0)
-            fds = [self.fds.popleft() for _ in range(min(int(nfds or 0), len(self.fds)))]
+            nfds = msg.get("nfds")
+            fds = self._take(nfds) if nfds else None
             if "error" in msg:
-                out.append((msg.get("id"), Reply(error=error_from_reply(msg["error"]), fds=fds)))
+                reply = Reply(None, error_from_reply(msg["error"]), fds)
             else:
-                out.append((msg.get("id"), Reply(result=msg.get("result"), fds=fds)))
+                reply = Reply(msg.get("result"), None, fds)
+            out.append((msg.get("id"), reply))
         return out
+
+    def _take(self, nfds: object) -> list[int]:
+        """The first ``nfds`` fds of the FIFO (as many as there are; none if nfds is not a count)."""
+        n = nfds if isinstance(nfds, int) and nfds > 0 else 0
+        return [self.fds.popleft() for _ in range(min(n, len(self.fds)))]
 
     def ingest(
         self, data: bytes, ancdata: list[tuple[int, int, bytes]], flags: int
     ) -> list[tuple[int | None, Reply] | dict[str, Any]]:
         """One ``recvmsg`` result in: fds to the FIFO, then the decoded messages."""
         self.take_fds(ancdata)
-        if flags & socket.MSG_CTRUNC:
+        if flags & CTRUNC:
             raise KhoError(Errno.EPROTO, "file descriptors were truncated in transit")
         return self.feed(data)
 
