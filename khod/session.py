@@ -125,9 +125,15 @@ class Session:
         if not self.owned or pfns.size == 0:
             return out
         folio = ((npages & (npages - 1)) == 0) & ((pfns & (npages - 1)) == 0)
-        for n in np.unique(npages[folio]).tolist():
+        # Folio sizes are powers of two: OR-ing them names every order present at once.
+        # (Not np.unique: its first call imports numpy.ma, 20 ms of a request's time.)
+        sizes = npages[folio]
+        present = int(np.bitwise_or.reduce(sizes)) if sizes.size else 0
+        while present:
+            n = present & -present
+            present ^= n
             at = np.flatnonzero(folio & (npages == n))
-            out[at] = self.owned.contained_mask(pfns[at], int(n).bit_length() - 1)
+            out[at] = self.owned.contained_mask(pfns[at], n.bit_length() - 1)
         rest = np.flatnonzero(~out)
         if rest.size > 64:
             starts, ends = self.owned_runs()

@@ -7,6 +7,8 @@ that only the type checker sees is still a cycle for a reader.
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -118,3 +120,35 @@ def test_the_client_library_needs_only_the_wire_contract() -> None:
         name = module_name(path, CLIENT, "khoclient")
         for mod in daemon_imports(path, name):
             assert mod in allowed, f"{name} imports {mod}"
+
+
+def test_batches_do_not_import_numpy_submodules_lazily() -> None:
+    """numpy 2 imports some submodules on first use (``np.unique`` pulls in ``numpy.ma``,
+    20 ms): a daemon that did so in a request would make its first client after a
+    start wait for it. The batch paths of a session and the allocator must not."""
+    script = """
+import sys
+import numpy as np
+from khod.allocator import Allocator
+from khod.kho.tree import TreeLimits
+from khod.session import Session
+a = Allocator(0, 1 << 16)
+s = Session("db", 0, True, TreeLimits())
+before = set(sys.modules)
+held = []
+for order in (0, 9):
+    pfns = a.alloc_many(order, 16)
+    s.add_allocs(pfns, order)
+    npages = np.full(pfns.shape, 1 << order, dtype=np.int64)
+    assert s.owned_mask(pfns, npages).all()
+    assert not s.owned_mask(pfns[-1:], np.array([1 << (order + 4)], dtype=np.int64)).any()
+    s.tracker.preserve_folios(pfns, order)
+    s.tracker.unpreserve_folios(pfns, order)
+    held.append((pfns, order))
+for pfns, order in held:
+    a.free_blocks(pfns, order)
+late = sorted(set(sys.modules) - before)
+assert not late, late
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
