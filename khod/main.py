@@ -184,6 +184,7 @@ def assemble(
             conns,
             ops=OPS,
             listen=cfg.metrics.listen,
+            notifier_timeout_s=cfg.server.notifier_timeout_s,
             state_dir=cfg.server.state_dir,
             log=log,
         )

@@ -27,13 +27,20 @@ import gzip
 import json
 import os
 import platform
+import time
 from collections.abc import Iterable, Iterator, Sized
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import h11
 import trio
-from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+)
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -91,15 +98,24 @@ def record_rejection(state_dir: str, error: StartupRefused, log: Log) -> None:
         log.warning("metrics.state_unwritable", path=str(path), reason=exc.strerror)
 
 
+def shown_state(state: str) -> str:
+    return "finalized" if state == "handed_over" else str(state)
+
+
 class _EngineCollector(Collector):
     def __init__(self, metrics: Metrics) -> None:
         self.m = metrics
 
     def collect(self) -> Iterator[Metric]:
         e = self.m.engine
-        shown = "finalized" if self.m.current_state == "handed_over" else self.m.current_state
+        shown = shown_state(self.m.current_state)
         yield StateSetMetricFamily(
             "khod_state", "Lifecycle state of the daemon", {s: s == shown for s in STATES}
+        )
+        yield GaugeMetricFamily(
+            "khod_state_since_timestamp_seconds",
+            "Unix time the daemon entered its current state (finalized for how long?)",
+            value=self.m.state_since,
         )
         yield GaugeMetricFamily(
             "khod_handover_generation", "Handovers this region has been through", value=e.generation
@@ -134,6 +150,9 @@ class _EngineCollector(Collector):
             "khod_clients_connected", "Open client connections", value=len(self.m.connections)
         )
         region = status.region_usage(e)
+        yield GaugeMetricFamily(
+            "khod_region_size_bytes", "Size of the region khod manages", value=region.size
+        )
         rb = GaugeMetricFamily("khod_region_bytes", "Region bytes by use", labels=["use"])
         for use in REGION_USES:
             rb.add_metric([use], getattr(region, use))
@@ -167,6 +186,7 @@ class Metrics:
         *,
         ops: Iterable[str],
         listen: str,
+        notifier_timeout_s: float,
         state_dir: str = "",
         log: Log | None = None,
     ) -> None:
@@ -175,6 +195,7 @@ class Metrics:
         self.info = info
         self.connections = connections
         self.current_state = "active"
+        self.state_since = time.time()
         self.listen = listen
         self.log = log or Log()
         self._scrapers = 0
@@ -211,6 +232,19 @@ class Metrics:
             buckets=(1e-3, 1e-2, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60),
             registry=r,
         )
+        self.notifier_last_seconds = Gauge(
+            "khod_notifier_last_duration_seconds",
+            "The last notifier phase of each event, from the first event pushed to the last "
+            "answer (0 before the first)",
+            ["event"],
+            registry=r,
+        )
+        self.notifier_timeout = Gauge(
+            "khod_notifier_timeout_seconds",
+            "How long a notifier phase may take (server.notifier_timeout_s)",
+            registry=r,
+        )
+        self.notifier_timeout.set(notifier_timeout_s)
         self._request_children: dict[tuple[str, str], tuple[Counter, Histogram]] = {}
         self.restored_bytes = Counter(
             "khod_restored_bytes", "Incoming bytes restored to their sessions", registry=r
@@ -223,11 +257,15 @@ class Metrics:
             self.finalizes.labels(result)
         for ev in ("finalize", "unfreeze"):
             self.notifier_seconds.labels(ev)
+            self.notifier_last_seconds.labels(ev)
         r.register(_EngineCollector(self))
 
     # ----------------------------------------------------------------- what the daemon reports
 
     def state(self, state: str) -> None:
+        # handed_over is shown as finalized (the daemon is about to exit): no new state
+        if shown_state(state) != shown_state(self.current_state):
+            self.state_since = time.time()
         self.current_state = state
 
     def request(self, op: str, code: str, seconds: float) -> None:
@@ -247,6 +285,7 @@ class Metrics:
 
     def notifier(self, event: str, seconds: float) -> None:
         self.notifier_seconds.labels(event).observe(seconds)
+        self.notifier_last_seconds.labels(event).set(seconds)
 
     def restored(self, nbytes: int) -> None:
         self.restored_bytes.inc(nbytes)

@@ -99,6 +99,11 @@ async def test_metrics_follow_the_daemon(shm_dir: Path) -> None:
             value(body, "khod_finalize_total", result="vetoed") == 0
         )  # labelled series exist at zero
         assert value(body, "khod_handover_rejected_total", reason="crc_mismatch") == 0
+        assert value(body, "khod_region_size_bytes") == d.config.region.size
+        assert value(body, "khod_notifier_timeout_seconds") == d.config.server.notifier_timeout_s
+        assert value(body, "khod_notifier_last_duration_seconds", event="finalize") == 0
+        started = value(body, "khod_state_since_timestamp_seconds")
+        assert 0 < time.time() - started < 60
         assert (
             value(
                 body,
@@ -133,9 +138,15 @@ async def test_metrics_follow_the_daemon(shm_dir: Path) -> None:
             async with AsyncClient(d.socket) as op:
                 with pytest.raises(KhoError):
                     await op.finalize()
+                _, body = await scrape(d.metrics_url)  # vetoed: active again, and since then
+                assert value(body, "khod_state_since_timestamp_seconds") > started
+                assert value(body, "khod_notifier_last_duration_seconds", event="unfreeze") > 0
                 await vmm.subscribe()
+                before = time.time()
                 await op.finalize()
                 _, body = await scrape(d.metrics_url)
+                assert before <= value(body, "khod_state_since_timestamp_seconds") <= time.time()
+                assert 0 < value(body, "khod_notifier_last_duration_seconds", event="finalize") < 5
                 assert value(body, "khod_finalize_total", result="vetoed") == 1
                 assert value(body, "khod_finalize_total", result="ok") == 1
                 assert value(body, "khod_finalize_duration_seconds_count") == 2
