@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import gzip
 import json
+import re
 import shutil
 import socket
 import struct
@@ -12,6 +13,7 @@ import subprocess
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -187,18 +189,28 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def prometheus_api(port: int, path: str) -> Any:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/{path}", timeout=2) as resp:
+            return json.load(resp)["data"]
+    except OSError:
+        return None
+
+
 @pytest.mark.skipif(
     PROMETHEUS is None, reason="prometheus missing: Debian's prometheus package is not installed"
 )
-def test_a_real_prometheus_scrapes_khod(shm_dir: Path) -> None:
+def test_a_real_prometheus_scrapes_khod_and_evaluates_its_rules(shm_dir: Path) -> None:
     mport, pport = free_port(), free_port()
     cfg = write_config(shm_dir, metrics={"listen": f"127.0.0.1:{mport}"})
+    rules = Path(__file__).resolve().parent.parent / "config" / "prometheus" / "khod.rules.yml"
     with daemon_running(shm_dir, config=cfg) as d:
         with d.client("vmm", persistent=True) as c:
             c.preserve_folio(c.alloc_folio(9))
         prom_cfg = shm_dir / "prometheus.yml"
         prom_cfg.write_text(
-            "global:\n  scrape_interval: 1s\n"
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
+            f"rule_files: ['{rules}']\n"
             f"scrape_configs:\n  - job_name: khod\n    static_configs:\n      - targets: ['127.0.0.1:{mport}']\n"
         )
         prom = subprocess.Popen(
@@ -207,21 +219,36 @@ def test_a_real_prometheus_scrapes_khod(shm_dir: Path) -> None:
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
         try:
-            url = f"http://127.0.0.1:{pport}/api/v1/query?query=khod_preserved_bytes%7Border%3D%229%22%7D"
+            query = "query?query=khod_preserved_bytes%7Border%3D%229%22%7D"
             deadline = time.monotonic() + 60
-            result: list[dict[str, object]] = []
+            result: list[dict[str, Any]] = []
+            ratio: list[dict[str, Any]] = []
+            health: dict[str, str] = {}
             while time.monotonic() < deadline:
-                try:
-                    with urllib.request.urlopen(url, timeout=2) as resp:
-                        result = json.load(resp)["data"]["result"]
-                except OSError:
-                    result = []
-                if result:
+                result = (prometheus_api(pport, query) or {}).get("result", [])
+                ratio = (prometheus_api(pport, "query?query=khod:region_free:ratio") or {}).get(
+                    "result", []
+                )
+                groups = (prometheus_api(pport, "rules") or {}).get("groups", [])
+                health = {
+                    r["name"]: r["health"] + r.get("lastError", "")
+                    for g in groups
+                    for r in g["rules"]
+                }
+                if result and ratio and health and set(health.values()) == {"ok"}:
                     break
                 time.sleep(0.5)
             assert result, "Prometheus never returned khod_preserved_bytes"
-            assert result[0]["value"][1] == str(2 << 20)  # type: ignore[index]
-            assert result[0]["metric"]["job"] == "khod"  # type: ignore[index]
+            assert result[0]["value"][1] == str(2 << 20)
+            assert result[0]["metric"]["job"] == "khod"
+            # every rule evaluates cleanly against what khod serves, and the records hold
+            defined = re.findall(r"^\s+- (?:record|alert): (\S+)", rules.read_text(), re.M)
+            assert sorted(health) == sorted(defined) and set(health.values()) == {"ok"}, health
+            assert ratio and 0.5 < float(ratio[0]["value"][1]) < 1
+            targets = prometheus_api(pport, "targets")["activeTargets"]
+            assert [t["health"] for t in targets] == ["up"], targets
+            firing = [a["labels"]["alertname"] for a in prometheus_api(pport, "alerts")["alerts"]]
+            assert firing == [], firing
         finally:
             prom.terminate()
             prom.wait(30)
