@@ -21,7 +21,7 @@ from khoclient import AsyncClient, KhoError, Veto
 from prometheus_client.parser import text_string_to_metric_families
 
 from khod.kho.record import decode_record
-from khod.metrics import request_path
+from khod.metrics_http import request_path
 
 from .helpers import InProc, daemon_running, inproc_daemon, start_daemon, write_config
 
