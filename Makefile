@@ -3,24 +3,38 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
+# Manual pages and shell completions, built from the parsers and config/khod.toml
+# by tools/gendata.py into the venv's share/ (man and bash-completion look there,
+# beside its bin/); `make install-data` puts them under $(DESTDIR)$(PREFIX).
+DATA_SRC   := tools/gendata.py config/khod.toml khod/main.py khod/startup.py khod/config.py \
+	clients/khoclient/ctl.py
+DATA_STAMP := $(VENV)/.data-stamp
+PREFIX     ?= /usr/local
 
-.PHONY: install test lint demo bench clean
+.PHONY: install install-data test lint demo bench clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@echo "installing khod and its test tools into $(VENV) (log: $(VENV)/install.log)"
-	@$(PY) -m pip install --disable-pip-version-check -e '.[test]' > $(VENV)/install.log 2>&1 \
+	@$(PY) -m pip install --disable-pip-version-check -e '.[test,data]' > $(VENV)/install.log 2>&1 \
 		|| { cat $(VENV)/install.log; exit 1; }
 	@touch $(STAMP)
 
-install: $(STAMP)
+$(DATA_STAMP): $(STAMP) $(DATA_SRC)
+	@$(PY) tools/gendata.py --prefix $(VENV) > /dev/null
+	@touch $@
+
+install: $(STAMP) $(DATA_STAMP)
+
+install-data: $(STAMP)
+	$(PY) tools/gendata.py --prefix $(DESTDIR)$(PREFIX)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 
-test: lint
+test: lint $(DATA_STAMP)
 	$(VENV)/bin/pytest -q
 
 demo: $(STAMP)

@@ -57,8 +57,12 @@ if TYPE_CHECKING:
 DEFERRED_IMPORTS = ("fdt", "ctypes.util", "tomllib", "json")
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="khod", description="userspace Kexec HandOver daemon")
+def parser() -> argparse.ArgumentParser:
+    """The command line (``tools/gendata.py`` builds khod(8) and completions from it too)."""
+    ap = argparse.ArgumentParser(
+        prog="khod",
+        description="userspace Kexec HandOver daemon: keep memory across a live update",
+    )
     ap.add_argument("--config", "-c", help="TOML file (default /etc/khod/khod.toml if present)")
     ap.add_argument(
         "--reset",
@@ -80,7 +84,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--region-path", help="override region.path")
     ap.add_argument("--region-size", help="override region.size (e.g. 4G)")
     ap.add_argument("--metrics-listen", help="override metrics.listen ('' turns it off)")
-    ap.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+    ap.add_argument(
+        "--log-level", choices=("debug", "info", "warning", "error"), help="override logging.level"
+    )
     ap.add_argument(
         "--set",
         action="append",
@@ -89,7 +95,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="override any key (repeatable)",
     )
     ap.add_argument("--version", action="version", version=f"khod {__version__}")
-    return ap.parse_args(argv)
+    return ap
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    return parser().parse_args(argv)
 
 
 def effective_config(args: argparse.Namespace) -> Config:
@@ -184,6 +194,7 @@ def assemble(
             conns,
             ops=OPS,
             listen=cfg.metrics.listen,
+            notifier_timeout_s=cfg.server.notifier_timeout_s,
             state_dir=cfg.server.state_dir,
             log=log,
         )
@@ -272,6 +283,7 @@ def preload(cfg: Config) -> None:
         importlib.import_module(name)
     if cfg.metrics.listen:
         importlib.import_module("khod.metrics")
+        importlib.import_module("khod.metrics_http")  # else loaded with the first scrape
         importlib.import_module("encodings.idna")  # getaddrinfo encodes the metrics host with it
 
 

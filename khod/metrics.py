@@ -8,6 +8,9 @@ notifier timings are ordinary counters and histograms their owners update.
 Labelled series are created at zero at start, so a first increment is
 visible as one.
 
+The endpoint speaks HTTP/1.1 (``khod/metrics_http.py``, on h11, loaded with
+the first connection). Every connection is bounded in time and count here.
+
 ``khod_handover_rejected_total`` counts refused handovers. A refusal makes
 the daemon exit, so the counts are kept in ``server.state_dir`` (when set)
 and the next daemon to start serves them.
@@ -20,11 +23,18 @@ import functools
 import json
 import os
 import platform
+import time
 from collections.abc import Iterable, Iterator, Sized
 from pathlib import Path
 
 import trio
-from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+)
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -47,8 +57,9 @@ STATES = ("active", "finalizing", "frozen", "finalized")
 REGION_USES = ("free", "allocated", "preserved", "reserved_incoming", "scratch", "metadata")
 FINALIZE_RESULTS = ("ok", "vetoed", "timeout", "error")
 REJECTIONS_FILE = "handover-rejections.json"
-MAX_SCRAPERS = 16
-SCRAPE_TIMEOUT_S = 5.0
+MAX_SCRAPERS = 16  # connections served at once; more are closed at once
+SCRAPE_TIMEOUT_S = 5.0  # for each request to arrive and be answered (and for an idle keep-alive)
+CONNECTION_TIMEOUT_S = 60.0  # the whole life of one connection
 
 
 def load_rejections(state_dir: str) -> dict[str, int]:
@@ -78,15 +89,24 @@ def record_rejection(state_dir: str, error: StartupRefused, log: Log) -> None:
         log.warning("metrics.state_unwritable", path=str(path), reason=exc.strerror)
 
 
+def shown_state(state: str) -> str:
+    return "finalized" if state == "handed_over" else str(state)
+
+
 class _EngineCollector(Collector):
     def __init__(self, metrics: Metrics) -> None:
         self.m = metrics
 
     def collect(self) -> Iterator[Metric]:
         e = self.m.engine
-        shown = "finalized" if self.m.current_state == "handed_over" else self.m.current_state
+        shown = shown_state(self.m.current_state)
         yield StateSetMetricFamily(
             "khod_state", "Lifecycle state of the daemon", {s: s == shown for s in STATES}
+        )
+        yield GaugeMetricFamily(
+            "khod_state_since_timestamp_seconds",
+            "Unix time the daemon entered its current state (finalized for how long?)",
+            value=self.m.state_since,
         )
         yield GaugeMetricFamily(
             "khod_handover_generation", "Handovers this region has been through", value=e.generation
@@ -121,6 +141,9 @@ class _EngineCollector(Collector):
             "khod_clients_connected", "Open client connections", value=len(self.m.connections)
         )
         region = status.region_usage(e)
+        yield GaugeMetricFamily(
+            "khod_region_size_bytes", "Size of the region khod manages", value=region.size
+        )
         rb = GaugeMetricFamily("khod_region_bytes", "Region bytes by use", labels=["use"])
         for use in REGION_USES:
             rb.add_metric([use], getattr(region, use))
@@ -154,6 +177,7 @@ class Metrics:
         *,
         ops: Iterable[str],
         listen: str,
+        notifier_timeout_s: float,
         state_dir: str = "",
         log: Log | None = None,
     ) -> None:
@@ -162,9 +186,13 @@ class Metrics:
         self.info = info
         self.connections = connections
         self.current_state = "active"
+        self.state_since = time.time()
         self.listen = listen
         self.log = log or Log()
         self._scrapers = 0
+        self.max_scrapers = MAX_SCRAPERS
+        self.request_timeout_s = SCRAPE_TIMEOUT_S
+        self.connection_timeout_s = CONNECTION_TIMEOUT_S
         self.bound: tuple[str, int] = ("", 0)  # where serve() listens (port 0 picks one)
         self.rejections = load_rejections(state_dir)
         self.registry = CollectorRegistry(auto_describe=True)
@@ -195,6 +223,19 @@ class Metrics:
             buckets=(1e-3, 1e-2, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60),
             registry=r,
         )
+        self.notifier_last_seconds = Gauge(
+            "khod_notifier_last_duration_seconds",
+            "The last notifier phase of each event, from the first event pushed to the last "
+            "answer (0 before the first)",
+            ["event"],
+            registry=r,
+        )
+        self.notifier_timeout = Gauge(
+            "khod_notifier_timeout_seconds",
+            "How long a notifier phase may take (server.notifier_timeout_s)",
+            registry=r,
+        )
+        self.notifier_timeout.set(notifier_timeout_s)
         self._request_children: dict[tuple[str, str], tuple[Counter, Histogram]] = {}
         self.restored_bytes = Counter(
             "khod_restored_bytes", "Incoming bytes restored to their sessions", registry=r
@@ -207,11 +248,15 @@ class Metrics:
             self.finalizes.labels(result)
         for ev in ("finalize", "unfreeze"):
             self.notifier_seconds.labels(ev)
+            self.notifier_last_seconds.labels(ev)
         r.register(_EngineCollector(self))
 
     # ----------------------------------------------------------------- what the daemon reports
 
     def state(self, state: str) -> None:
+        # handed_over is shown as finalized (the daemon is about to exit): no new state
+        if shown_state(state) != shown_state(self.current_state):
+            self.state_since = time.time()
         self.current_state = state
 
     def request(self, op: str, code: str, seconds: float) -> None:
@@ -231,6 +276,7 @@ class Metrics:
 
     def notifier(self, event: str, seconds: float) -> None:
         self.notifier_seconds.labels(event).observe(seconds)
+        self.notifier_last_seconds.labels(event).set(seconds)
 
     def restored(self, nbytes: int) -> None:
         self.restored_bytes.inc(nbytes)
@@ -249,18 +295,24 @@ class Metrics:
         self.log.info("metrics.listen", address=f"{host}:{port}")
 
     async def _handle(self, stream: trio.SocketStream) -> None:
-        """One scrape: at most ``MAX_SCRAPERS`` at a time, each done in ``SCRAPE_TIMEOUT_S``.
+        """One connection: at most ``max_scrapers`` at a time, each bounded in time.
 
         The endpoint is open to every local user, so nobody may hold its
-        connections (and the daemon's descriptors) for long.
+        connections (and the daemon's descriptors) for long: a request must
+        arrive and be answered within ``request_timeout_s`` (an idle
+        keep-alive connection is closed after as long), and a connection
+        lives at most ``connection_timeout_s``.
         """
-        if self._scrapers >= MAX_SCRAPERS:
+        if self._scrapers >= self.max_scrapers:
             await trio.aclose_forcefully(stream)
             return
         self._scrapers += 1
         try:
-            with trio.move_on_after(SCRAPE_TIMEOUT_S):
-                await self._http(stream)
+            # h11 and gzip load with the first connection, not on the start-up path
+            from khod.metrics_http import HttpConnection
+
+            with trio.move_on_after(self.connection_timeout_s):
+                await HttpConnection(self, stream).run()
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             pass
         except Exception as exc:  # a scrape never takes the daemon down
@@ -268,43 +320,3 @@ class Metrics:
         finally:
             self._scrapers -= 1
             await trio.aclose_forcefully(stream)
-
-    async def _http(self, stream: trio.SocketStream) -> None:
-        head = b""
-        with trio.move_on_after(SCRAPE_TIMEOUT_S):
-            while b"\r\n\r\n" not in head and len(head) < 8192:
-                chunk = await stream.receive_some(4096)
-                if not chunk:
-                    break
-                head += chunk
-        lines = head.split(b"\r\n")
-        parts = lines[0].decode("latin-1").split()
-        headers = {}
-        for line in lines[1:]:
-            name, sep, value = line.decode("latin-1").partition(":")
-            if sep:
-                headers[name.strip().lower()] = value.strip()
-        if len(parts) != 3:
-            await self._send(stream, 400, b"bad request\n", "text/plain")
-            return
-        method, target = parts[0], parts[1].split("?", 1)[0]
-        if method not in ("GET", "HEAD"):
-            await self._send(stream, 405, b"only GET\n", "text/plain")
-            return
-        if target == "/metrics":
-            body, ctype = self.exposition(headers.get("accept", ""))
-            await self._send(stream, 200, body, ctype, head_only=method == "HEAD")
-        elif target == "/":
-            await self._send(stream, 200, b"khod: see /metrics\n", "text/plain")
-        else:
-            await self._send(stream, 404, b"not found: try /metrics\n", "text/plain")
-
-    @staticmethod
-    async def _send(
-        stream: trio.SocketStream, status: int, body: bytes, ctype: str, head_only: bool = False
-    ) -> None:
-        reason = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed"}[
-            status
-        ]
-        header = f"HTTP/1.1 {status} {reason}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
-        await stream.send_all(header.encode() + (b"" if head_only else body))

@@ -49,11 +49,27 @@ from khod.session import IncomingState
 class Exit(IntEnum):
     """Exit statuses of the ``khod`` command."""
 
-    OK = 0  # a clean stop or a handover
-    STOP_FAILED = 1  # a stop could not hand over as configured
-    CONFIG = 2  # a configuration or environment error
-    REFUSED_HANDOVER = 3  # the incoming handover failed validation; the region is untouched
-    REGION_BUSY = 4  # the region is live under a running or crashed daemon
+    OK = 0
+    STOP_FAILED = 1
+    CONFIG = 2
+    REFUSED_HANDOVER = 3
+    REGION_BUSY = 4
+
+    @property
+    def meaning(self) -> str:
+        """What the status tells an operator (khod(8) lists these)."""
+        return _EXIT_MEANINGS[self]
+
+
+_EXIT_MEANINGS = {
+    Exit.OK: "a clean stop or a handover (or a standby stopped while it waited)",
+    Exit.STOP_FAILED: "a stop could not hand over as configured",
+    Exit.CONFIG: "a configuration or environment error",
+    Exit.REFUSED_HANDOVER: "the incoming handover failed validation; the region is left "
+    "untouched for khoctl inspect",
+    Exit.REGION_BUSY: "the region is live under a running or crashed daemon (or another "
+    "standby waits for it)",
+}
 
 
 class StartupRefused(KhoError):

@@ -408,15 +408,19 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "drop-session", help="discard a session: its memory, its tree, what was handed to it"
     )
-    p.add_argument("session", metavar="NAME")
+    p.add_argument("session", metavar="NAME", help="the session's name")
     p.add_argument("--uid", type=int, help="the session's owner (default: your own uid)")
     p = sub.add_parser("fdt", help="the raw KHO DTB, outgoing or incoming")
-    p.add_argument("which", choices=("out", "in"))
+    p.add_argument(
+        "which",
+        choices=("out", "in"),
+        help="out: the DTB of the committed handover (after finalize); in: the one taken in",
+    )
     p.add_argument("-o", "--output", help="write to FILE (a terminal gets no binary)")
     p = sub.add_parser(
         "inspect", help="decode and verify a region file offline (read-only, no daemon)"
     )
-    p.add_argument("region", metavar="REGION_FILE")
+    p.add_argument("region", metavar="REGION_FILE", help="the region file, or a copy of it")
     p.add_argument(
         "--base",
         type=lambda s: int(s, 0),
