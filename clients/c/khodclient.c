@@ -496,7 +496,7 @@ static int send_all(khod_client *c, const char *op)
             continue;
         if (w < 0) {
             char why[160];
-            snprintf(why, sizeof why, "sending %s failed: %s", op, strerror(errno));
+            snprintf(why, sizeof why, "connection lost sending %s: %s", op, strerror(errno));
             return breakdown(c, why);
         }
         at += (size_t)w;
@@ -1217,9 +1217,11 @@ int khod_dispatch(khod_client *c, int timeout_ms)
             /* take whatever else is already there without waiting */
             while ((s = drain(c)) == 0 && (s = receive(c, 0)) > 0)
                 ;
-            if (s < 0 && !c->ev_count)
-                return s;
         }
+    }
+    if (c->broken) {
+        c->ev_count = 0; /* no answer could reach the daemon: the round is over for us */
+        return fail(c, EPROTO, "%s", c->broken_why);
     }
     int answered = 0;
     while (c->ev_count > 0) {

@@ -34,6 +34,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <time.h>
 
 #include "khodclient.h"
 
@@ -277,8 +278,12 @@ static int serve(table *t)
     t->threads = calloc((size_t)t->writers, sizeof *t->threads);
     if (!t->threads)
         return die(c, "threads", -ENOMEM);
+    uint64_t from = atomic_load(&t->increments);
     for (int i = 0; i < t->writers; i++)
         pthread_create(&t->threads[i], NULL, writer, t);
+    /* ready once the table is live: every writer could have counted a batch */
+    while (atomic_load(&t->increments) < from + 256 * (uint64_t)t->writers)
+        nanosleep(&(struct timespec){.tv_nsec = 1000000}, NULL);
     printf("report {\"event\": \"ready\", \"folios\": %zu, \"buckets\": %llu, \"writers\": %d}\n",
            t->nfolios, (unsigned long long)t->nbuckets, t->writers);
     fflush(stdout);
