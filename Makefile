@@ -4,7 +4,9 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install test lint demo bench clean
+CBUILD ?= build/c
+
+.PHONY: install test lint demo bench clean c
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,6 +28,10 @@ test: lint
 demo: $(STAMP)
 	$(PY) -m khoexamples.demo
 
+# the C client (clients/c): library, pkg-config file, example and test programs
+c:
+	$(MAKE) -C clients/c BUILD=$(abspath $(CBUILD))
+
 bench: $(STAMP)
 	$(PY) bench/format.py --json
 	$(PY) bench/rpc.py --json
@@ -33,7 +39,8 @@ bench: $(STAMP)
 	$(PY) bench/memory.py --json
 	$(PY) bench/warm.py --json
 	$(PY) bench/blackout.py --json
+	$(PY) bench/c_client.py --json
 
 clean:
-	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache .hypothesis $(CBUILD)
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -61,6 +61,7 @@ struct khod_client {
 
     msgpack_sbuffer out;
     msgpack_packer pk;
+    bool pack_failed; /* the request being packed is incomplete (out of memory) */
 };
 
 /* A decoded reply, alive until reply_done(). */
@@ -119,6 +120,15 @@ const char *khod_errcode(const khod_client *c) { return c ? c->errcode : "EINVAL
 
 /* ------------------------------------------------------------------ lifetime */
 
+/* msgpack-c's writer callback: remember a failed append so no torn request is sent. */
+static int pack_write(void *data, const char *buf, size_t len)
+{
+    khod_client *c = data;
+    if (msgpack_sbuffer_write(&c->out, buf, len) != 0)
+        c->pack_failed = true;
+    return 0;
+}
+
 int khod_from_fd(int fd, khod_client **out)
 {
     *out = NULL;
@@ -135,7 +145,7 @@ int khod_from_fd(int fd, khod_client **out)
     c->next_id = 1;
     c->region.fd = -1;
     msgpack_sbuffer_init(&c->out);
-    msgpack_packer_init(&c->pk, &c->out, msgpack_sbuffer_write);
+    msgpack_packer_init(&c->pk, c, pack_write);
     *out = c;
     return 0;
 }
@@ -261,7 +271,12 @@ static int pk_u64s(khod_client *c, const uint64_t *v, size_t n)
 /* Begin a request map of `nargs` arguments after id and op. */
 static uint64_t begin(khod_client *c, const char *op, uint32_t nargs)
 {
+    if (c->out.alloc > ((size_t)1 << 20)) { /* do not keep a large request's buffer */
+        msgpack_sbuffer_destroy(&c->out);
+        msgpack_sbuffer_init(&c->out);
+    }
     msgpack_sbuffer_clear(&c->out);
+    c->pack_failed = false;
     uint64_t id = c->next_id++;
     if (c->next_id > INT64_MAX)
         c->next_id = 1;
@@ -305,6 +320,11 @@ static int receive(khod_client *c, int wait_ms)
         return breakdown(c, "poll on the socket failed");
     if (r == 0)
         return 0;
+    if (c->off == c->len && c->cap > 16 * READ_CHUNK) { /* after a large message */
+        free(c->buf);
+        c->buf = NULL;
+        c->off = c->len = c->cap = 0;
+    }
     if (c->off > 0 && (c->off == c->len || c->cap - c->len < READ_CHUNK)) {
         memmove(c->buf, c->buf + c->off, c->len - c->off);
         c->len -= c->off;
@@ -485,6 +505,8 @@ static int drain(khod_client *c)
 
 static int send_all(khod_client *c, const char *op)
 {
+    if (c->pack_failed)
+        return fail(c, ENOMEM, "%s: out of memory packing the request", op);
     if (c->out.size > c->max_request)
         return fail(c, EINVAL, "%s: the request is %zu bytes, more than the %zu the client sends "
                                "(khod_set_max_request; the daemon's limits.max_frame)",
