@@ -18,6 +18,7 @@ import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
 
 import pytest
 
@@ -74,6 +75,7 @@ class Build:
     def popen(self, prog: str, *args: str) -> subprocess.Popen[str]:
         return subprocess.Popen(
             [str(self.san / prog), *args],
+            stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -104,6 +106,14 @@ def cbuild() -> Iterator[Build]:
 
 def reports(text: str) -> list[dict[str, object]]:
     return [json.loads(line[7:]) for line in text.splitlines() if line.startswith("report ")]
+
+
+def next_report(stream: IO[str]) -> dict[str, object]:
+    """The next ``report`` line a running example prints (its other lines are for people)."""
+    for line in stream:
+        if line.startswith("report "):
+            return json.loads(line[7:])  # type: ignore[no-any-return]
+    raise AssertionError("the example ended without another report")
 
 
 def operator(d: Daemon, *ops: str) -> None:
@@ -165,8 +175,7 @@ def test_the_c_example_carries_its_table_across_two_handovers(cbuild: Build, shm
     with daemon_running(shm_dir, config=cfg) as d:
         run = cbuild.popen("khod-counters", "run", "-s", d.socket, "-m", "4", "-d", str(dumps[0]))
         assert run.stdout is not None
-        first = run.stdout.readline()
-        assert first.startswith("report ") and '"ready"' in first, first + run.stderr.read()
+        assert next_report(run.stdout)["event"] == "ready"
         operator(d, "finalize", "handover")
         out, err = run.communicate(timeout=30)
         assert run.returncode == 0, out + err
@@ -181,12 +190,11 @@ def test_the_c_example_carries_its_table_across_two_handovers(cbuild: Build, shm
         # restore, verify, and carry on counting in the successor
         cont = cbuild.popen("khod-counters", "verify", "--run", "-s", d.socket, "-d", str(dumps[1]))
         assert cont.stdout is not None
-        verified = reports(cont.stdout.readline())
-        assert verified and verified[0]["ok"] is True, verified
-        assert verified[0]["checksum"] == fin["checksum"]
+        verified = next_report(cont.stdout)
+        assert verified["event"] == "verified" and verified["ok"] is True, verified
+        assert verified["checksum"] == fin["checksum"]
         assert dumps[1].read_bytes() == dumps[0].read_bytes()  # byte for byte
-        ready = cont.stdout.readline()
-        assert '"ready"' in ready, ready
+        assert next_report(cont.stdout)["event"] == "ready"
         operator(d, "finalize", "unfreeze", "finalize", "handover")  # writers resume, pause
         out, err = cont.communicate(timeout=30)
         assert cont.returncode == 0, out + err
@@ -208,7 +216,7 @@ def test_the_c_example_refuses_a_table_that_changed(cbuild: Build, shm_dir: Path
     cfg = write_config(shm_dir)
     with daemon_running(shm_dir, config=cfg) as d:
         with cbuild.popen("khod-counters", "run", "-s", d.socket, "-m", "2", "-n", "t") as run:
-            assert run.stdout is not None and '"ready"' in run.stdout.readline()
+            assert run.stdout is not None and next_report(run.stdout)["event"] == "ready"
             operator(d, "finalize", "handover")
             out, err = run.communicate(timeout=30)
             assert run.returncode == 0, out + err
@@ -285,7 +293,7 @@ def test_c_client_fails_its_call_when_the_daemon_dies_mid_call(
         d.proc.send_signal(signal.SIGKILL)
         d.proc.wait(10)
         os.unlink(d.socket)  # as after a crash: nothing listens there
-        out, err = check.communicate(timeout=30)
+        out, err = check.communicate("dead\n", timeout=30)
         assert check.returncode == 0, out + err
 
 

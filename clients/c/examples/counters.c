@@ -227,6 +227,8 @@ static int on_finalize(khod_client *c, const khod_event *ev, char *reason, size_
     printf("report {\"event\": \"finalize\", \"token\": %llu, \"checksum\": \"%016llx\", "
            "\"total\": %llu}\n",
            (unsigned long long)ev->token, (unsigned long long)sum, (unsigned long long)total);
+    printf("[counters] FINALIZE: writers paused, checksum %016llx over %llu counts recorded\n",
+           (unsigned long long)sum, (unsigned long long)total);
     fflush(stdout);
     return 0; /* writers stay paused: the memory is frozen until unfreeze or handover */
 }
@@ -297,6 +299,8 @@ static int serve(table *t)
         if (khod_handed_over(c, &gen)) {
             printf("report {\"event\": \"handover\", \"generation\": %llu, \"finalizes\": %llu}\n",
                    (unsigned long long)gen, (unsigned long long)t->finalizes);
+            printf("[counters] the daemon handed over; exiting as a kexec would end this "
+                   "process\n");
             fflush(stdout);
         } else {
             rc = die(c, "dispatch", s);
@@ -358,6 +362,8 @@ static int verify(table *t, bool then_run)
         (s = get_u64_prop(c, "total", &want_total)) < 0)
         return die(c, "get_prop checksum/total", s);
 
+    struct timespec t0, t1;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
     uint8_t *orders = malloc(t->nfolios);
     if (!orders)
         return die(c, "restore", -ENOMEM);
@@ -374,14 +380,20 @@ static int verify(table *t, bool then_run)
     free(orders);
     if ((s = map_all(t)) < 0)
         return die(c, "map", s);
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    double restore_ms = (double)(t1.tv_sec - t0.tv_sec) * 1e3 + (double)(t1.tv_nsec - t0.tv_nsec) / 1e6;
     uint64_t total, sum = checksum(t, &total);
     if ((s = dump(t)) < 0)
         fprintf(stderr, "khod-counters: dump: %s\n", strerror(-s));
     bool good = sum == want_sum && total == want_total;
     printf("report {\"event\": \"verified\", \"ok\": %s, \"checksum\": \"%016llx\", "
-           "\"expected\": \"%016llx\", \"total\": %llu, \"folios\": %zu}\n",
+           "\"expected\": \"%016llx\", \"total\": %llu, \"folios\": %zu, \"bytes\": %zu, "
+           "\"restore_ms\": %.2f}\n",
            good ? "true" : "false", (unsigned long long)sum, (unsigned long long)want_sum,
-           (unsigned long long)total, t->nfolios);
+           (unsigned long long)total, t->nfolios, t->nfolios * FOLIO, restore_ms);
+    printf("[counters] restored %zu folios in %.2f ms; checksum %s (%016llx, %llu counts)\n",
+           t->nfolios, restore_ms, good ? "matches" : "DOES NOT MATCH", (unsigned long long)sum,
+           (unsigned long long)total);
     fflush(stdout);
     if (!good)
         return 1;

@@ -9,7 +9,8 @@
  *   veto             a subscriber vetoes a finalize with a reason, then lets it pass
  *   eperm PHYS UID   as uid UID (dropped here): another user's memory, root-only calls
  *   oversized        requests too large for the daemon or the client
- *   gone             the daemon is killed while a call waits ("in-call" on stdout)
+ *   gone             the daemon is killed while a call waits ("in-call" on stdout);
+ *                    the test writes "dead" to stdin once it has reaped it
  */
 #include <errno.h>
 #include <grp.h>
@@ -387,9 +388,15 @@ static void case_gone(const char *sock)
     pthread_t t;
     pthread_create(&t, NULL, announce, &g);
     int s = khod_finalize(op, NULL); /* the test kills the daemon meanwhile */
-    CHECK(s == -EPROTO && strstr(khod_errmsg(op), "connection"), "finalize -> %d %s", s,
+    CHECK(s == -EPROTO && strstr(khod_errmsg(op), "connection closed"), "finalize -> %d %s", s,
           khod_errmsg(op));
     pthread_join(t, NULL);
+    /* a dying process closes its sockets one by one: wait until the test has reaped it */
+    char line[16];
+    if (!fgets(line, sizeof line, stdin) || strcmp(line, "dead\n")) {
+        printf("FAIL the test did not say the daemon is dead\n");
+        exit(1);
+    }
     ERR(op, EPROTO, "connection", khod_ping(op));
     ERR(g.sub, EPROTO, "connection", khod_dispatch(g.sub, 1000));
     CHECK(atomic_load(&v.finalizes) == 0, "no callback runs for a connection that is gone");
