@@ -212,6 +212,17 @@ def test_the_c_example_carries_its_table_across_two_handovers(cbuild: Build, shm
         assert d.stop() == 0
 
 
+def test_c_client_restores_each_way_in_the_successor(cbuild: Build, shm_dir: Path) -> None:
+    cfg = write_config(shm_dir)
+    with daemon_running(shm_dir, config=cfg) as d:
+        cbuild.run("khod-c-check", d.socket, "handover-prep")
+        operator(d, "finalize", "handover")
+        assert d.wait() == 0
+    with daemon_running(shm_dir, config=cfg) as d:
+        cbuild.run("khod-c-check", d.socket, "handover-check")
+        assert d.stop() == 0
+
+
 def test_the_c_example_refuses_a_table_that_changed(cbuild: Build, shm_dir: Path) -> None:
     cfg = write_config(shm_dir)
     with daemon_running(shm_dir, config=cfg) as d:

@@ -9,6 +9,8 @@
  *   veto             a subscriber vetoes a finalize with a reason, then lets it pass
  *   eperm PHYS UID   as uid UID (dropped here): another user's memory, root-only calls
  *   oversized        requests too large for the daemon or the client
+ *   handover-prep    before a handover: memory written and preserved three ways
+ *   handover-check   in the successor: restored three ways, bytes and tree intact
  *   gone             the daemon is killed while a call waits ("in-call" on stdout);
  *                    the test writes "dead" to stdin once it has reaped it
  */
@@ -407,6 +409,102 @@ static void case_gone(const char *sock)
     CHECK(khod_connect(sock, &c) < 0, "nobody listens any more");
 }
 
+/* Fill len bytes at p with a pattern of `seed` (and check it back). */
+static void stamp(unsigned char *p, size_t len, uint64_t seed)
+{
+    for (size_t i = 0; i < len; i++)
+        p[i] = (unsigned char)((seed * 0x9e3779b97f4a7c15ULL + i * 131) >> 24);
+}
+
+static bool stamped(const unsigned char *p, size_t len, uint64_t seed)
+{
+    for (size_t i = 0; i < len; i++)
+        if (p[i] != (unsigned char)((seed * 0x9e3779b97f4a7c15ULL + i * 131) >> 24))
+            return false;
+    return true;
+}
+
+/* Before a handover: a folio, a folio restored as a batch, a range; written and described. */
+static void case_handover_prep(const char *sock)
+{
+    khod_client *c = open_client(sock, NULL);
+    OK(c, khod_hello(c, "rs", true, NULL));
+    khod_folio a, b, r;
+    OK(c, khod_alloc_folio(c, 0, &a));
+    OK(c, khod_alloc_folio(c, 2, &b));
+    OK(c, khod_alloc_folio(c, 3, &r));
+    uint64_t where[3] = {a.phys, b.phys, r.phys};
+    size_t sizes[3] = {KHOD_FOLIO_SIZE(0), KHOD_FOLIO_SIZE(2), KHOD_FOLIO_SIZE(3)};
+    for (int i = 0; i < 3; i++) {
+        void *m;
+        OK(c, khod_map(c, where[i], sizes[i], &m));
+        if (m) {
+            stamp(m, sizes[i], where[i]);
+            munmap(m, sizes[i]);
+        }
+    }
+    OK(c, khod_preserve_folio(c, a.phys, -1, NULL));
+    OK(c, khod_preserve_folios(c, &b.phys, 1, NULL, -1));
+    size_t n = 0;
+    OK(c, khod_preserve_phys(c, r.phys, KHOD_FOLIO_SIZE(3), NULL, &n));
+    OK(c, khod_add_node(c, "/where", NULL));
+    OK(c, khod_add_prop(c, "/where", "phys", where, sizeof where, NULL));
+    OK(c, khod_add_string_prop(c, "/where", "note", "three pieces", NULL));
+    khod_close(c);
+}
+
+/* In the successor: each piece back by its own call, bytes intact, exactly once. */
+static void case_handover_check(const char *sock)
+{
+    khod_client *c = open_client(sock, NULL);
+    khod_hello_info h;
+    OK(c, khod_hello(c, "rs", true, &h));
+    uint64_t want = KHOD_FOLIO_SIZE(0) + KHOD_FOLIO_SIZE(2) + KHOD_FOLIO_SIZE(3);
+    CHECK(h.incoming && h.created && h.incoming_bytes == want, "hello: incoming %d %llu",
+          h.incoming, (unsigned long long)h.incoming_bytes);
+    uint64_t *where = NULL;
+    size_t len = 0;
+    OK(c, khod_get_prop(c, "/where", "phys", "in", (void **)&where, &len));
+    if (!where || len != 3 * sizeof *where) {
+        CHECK(0, "the incoming tree lost /where/phys (%zu bytes)", len);
+        free(where);
+        khod_close(c);
+        return;
+    }
+    char *note = NULL;
+    OK(c, khod_get_prop(c, "/where", "note", NULL, (void **)&note, &len));
+    CHECK(note && len == 13 && !memcmp(note, "three pieces", 13), "string prop");
+    free(note);
+    khod_folio f;
+    OK(c, khod_restore_folio(c, where[0], &f));
+    CHECK(f.phys == where[0] && f.order == 0, "restore_folio order %u", f.order);
+    ERR(c, ENOENT, "", khod_restore_folio(c, where[0], &f)); /* once */
+    uint8_t order = 99;
+    OK(c, khod_restore_folios(c, &where[1], 1, &order));
+    CHECK(order == 2, "restore_folios order %u", order);
+    khod_folio *list = NULL;
+    size_t n = 0;
+    ERR(c, ENOENT, "", khod_restore_phys(c, where[2], KHOD_FOLIO_SIZE(2), NULL, NULL));
+    OK(c, khod_restore_phys(c, where[2], KHOD_FOLIO_SIZE(3), &list, &n));
+    CHECK(n == 1 && list && list[0].phys == where[2] && list[0].order == 3, "restore_phys");
+    free(list);
+    size_t sizes[3] = {KHOD_FOLIO_SIZE(0), KHOD_FOLIO_SIZE(2), KHOD_FOLIO_SIZE(3)};
+    for (int i = 0; i < 3; i++) {
+        void *m = NULL;
+        OK(c, khod_map(c, where[i], sizes[i], &m));
+        CHECK(m && stamped(m, sizes[i], where[i]), "piece %d came back changed", i);
+        if (m)
+            munmap(m, sizes[i]);
+    }
+    OK(c, khod_hello(c, "rs", true, &h));
+    CHECK(h.incoming_bytes == 0, "all restored: %llu left", (unsigned long long)h.incoming_bytes);
+    /* restored memory is the session's: it can be preserved again, or freed */
+    OK(c, khod_preserve_folio(c, where[0], -1, NULL));
+    OK(c, khod_free_folio(c, where[1]));
+    free(where);
+    khod_close(c);
+}
+
 int main(int argc, char **argv)
 {
     if (argc < 3) {
@@ -426,6 +524,10 @@ int main(int argc, char **argv)
         case_eperm(sock, strtoull(argv[3], NULL, 0), (uid_t)atoi(argv[4]));
     else if (!strcmp(name, "oversized"))
         case_oversized(sock);
+    else if (!strcmp(name, "handover-prep"))
+        case_handover_prep(sock);
+    else if (!strcmp(name, "handover-check"))
+        case_handover_check(sock);
     else if (!strcmp(name, "gone"))
         case_gone(sock);
     else {
