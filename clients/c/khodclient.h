@@ -29,9 +29,19 @@
  * after that every call fails -EPROTO at once, as the Python client does.
  *
  * BLOCKING. Every call sends one request and blocks until its reply has
- * arrived or the timeout (khod_set_timeout, default 60 s) has passed. The
- * socket is blocking and owned by the client; do not read or write it.
- * Events that arrive meanwhile are queued, not run (see khod_dispatch).
+ * arrived or the timeout (khod_set_timeout, default 60 s) has passed; the
+ * timeout bounds the wait for the reply, not the sending of the request (the
+ * daemon reads requests as they come). After -ETIMEDOUT the connection stays
+ * usable: a late reply is recognised by its id and dropped. The socket is
+ * blocking and owned by the client; do not read or write it. Events that
+ * arrive meanwhile are queued, not run (see khod_dispatch). `finalize` and
+ * `unfreeze` wait for the notifier round (up to server.notifier_timeout_s).
+ *
+ * LIMITS. The client decodes a message only once all of it has arrived and
+ * refuses (-EPROTO, connection closed) one of more than 256 MiB, an array of
+ * more than 2^22 entries, a map of more than 4096, more than 2^22 objects in
+ * all, or ext types: what a broken or hostile peer sends cannot make it
+ * allocate more than a bounded multiple of the bytes it really sent.
  *
  * THREAD-SAFETY. A khod_client is not thread-safe: use it from one thread
  * at a time (or guard it with a mutex of your own). Different clients are
