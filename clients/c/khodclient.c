@@ -39,7 +39,8 @@ struct khod_client {
     int timeout_ms;
     size_t max_request;
     uint64_t next_id;
-    bool broken;            /* the connection is unusable; errmsg says why */
+    bool broken;            /* the connection is unusable; broken_why says why */
+    int broken_err;         /* what every call returns then: EPROTO, or the refusal's code */
     char broken_why[480];
     char errcode[16];
     char errmsg[600];
@@ -108,11 +109,12 @@ static int breakdown(khod_client *c, const char *why)
 {
     if (!c->broken) {
         c->broken = true;
+        c->broken_err = EPROTO;
         size_t n = strlen(why) < sizeof c->broken_why - 1 ? strlen(why) : sizeof c->broken_why - 1;
         memcpy(c->broken_why, why, n);
         c->broken_why[n] = 0;
     }
-    return fail(c, EPROTO, "%s", c->broken_why);
+    return fail(c, c->broken_err, "%s", c->broken_why);
 }
 
 const char *khod_errmsg(const khod_client *c) { return c ? c->errmsg : "no client"; }
@@ -466,6 +468,9 @@ static int next_message(khod_client *c, uint64_t want, bool *progress, reply *r)
                 snprintf(refusal, sizeof refusal, "the daemon refused the connection: %s: %s",
                          code, text);
                 breakdown(c, refusal);
+                for (size_t i = 0; i < sizeof CODES / sizeof CODES[0]; i++)
+                    if (!strcmp(code, CODES[i].name))
+                        c->broken_err = CODES[i].err; /* e.g. EBUSY: too many connections */
             }
         }
     }
@@ -475,7 +480,7 @@ static int next_message(khod_client *c, uint64_t want, bool *progress, reply *r)
         close(r->fds[i]);
     msgpack_unpacked_destroy(&r->u);
     c->off += flen;
-    return c->broken ? fail(c, EPROTO, "%s", c->broken_why) : 0;
+    return c->broken ? fail(c, c->broken_err, "%s", c->broken_why) : 0;
 }
 
 static void reply_done(khod_client *c, reply *r)
@@ -530,7 +535,7 @@ static int send_all(khod_client *c, const char *op)
 static int roundtrip(khod_client *c, const char *op, uint64_t id, reply *r)
 {
     if (c->broken)
-        return fail(c, EPROTO, "%s", c->broken_why);
+        return fail(c, c->broken_err, "%s", c->broken_why);
     int s = send_all(c, op);
     if (s < 0)
         return s;
@@ -1227,7 +1232,7 @@ static int answer(khod_client *c, const queued_event *e)
 int khod_dispatch(khod_client *c, int timeout_ms)
 {
     if (c->broken)
-        return fail(c, EPROTO, "%s", c->broken_why);
+        return fail(c, c->broken_err, "%s", c->broken_why);
     int s = drain(c);
     if (s < 0)
         return s;
@@ -1243,7 +1248,7 @@ int khod_dispatch(khod_client *c, int timeout_ms)
     }
     if (c->broken) {
         c->ev_count = 0; /* no answer could reach the daemon: the round is over for us */
-        return fail(c, EPROTO, "%s", c->broken_why);
+        return fail(c, c->broken_err, "%s", c->broken_why);
     }
     int answered = 0;
     while (c->ev_count > 0) {

@@ -27,6 +27,8 @@
  * reply came within the call timeout, -EPROTO when the connection is lost
  * (the daemon closed it, exited or sent bytes that are not the protocol):
  * after that every call fails -EPROTO at once, as the Python client does.
+ * A connection the daemon refuses at accept (too many connections, §1)
+ * fails every call with the refusal's code (-EBUSY) and message instead.
  *
  * BLOCKING. Every call sends one request and blocks until its reply has
  * arrived or the timeout (khod_set_timeout, default 60 s) has passed; the
@@ -46,7 +48,8 @@
  * THREAD-SAFETY. A khod_client is not thread-safe: use it from one thread
  * at a time (or guard it with a mutex of your own). Different clients are
  * independent; the library keeps no global state. Notifier callbacks run
- * on the thread that calls khod_dispatch(), and may call the same client.
+ * on the thread that calls khod_dispatch(), and may call the same client
+ * (but not khod_close it).
  *
  * FILE DESCRIPTORS. The socket and the region fd (passed by the daemon with
  * `region`) belong to the client: khod_close() closes both. khod_region()

@@ -204,6 +204,7 @@ static int acceptable(int r)
 }
 
 static int devnull = -1;
+static char last_msg[700]; /* the message of the last exchange's call */
 
 /* Send `fds` copies of /dev/null's fd with the first byte (or alone). */
 static void send_with_fds(int sock, const void *p, size_t n, int nfds)
@@ -259,6 +260,7 @@ static int exchange(const void *bytes, size_t n, int nfds, int call, bool keep_o
         exit(2);
     khod_set_timeout(c, 20);
     int r = run_call(c, call);
+    snprintf(last_msg, sizeof last_msg, "%s", khod_errmsg(c));
     CHECK(acceptable(r), "call %d returned %d", call, r);
     CHECK(r >= 0 || khod_errmsg(c)[0], "a failure without a message (call %d, %d)", call, r);
     int p = khod_ping(c);
@@ -273,10 +275,10 @@ static int exchange(const void *bytes, size_t n, int nfds, int call, bool keep_o
 static void named(const char *what, const void *bytes, size_t n, int nfds, int call, int want,
                   const char *msg_part)
 {
-    (void)msg_part;
     int before = open_fds();
     int r = exchange(bytes, n, nfds, call, false);
     CHECK(r == want, "%s: got %d, want %d", what, r, want);
+    CHECK(strstr(last_msg, msg_part), "%s: message '%s' lacks '%s'", what, last_msg, msg_part);
     CHECK(open_fds() == before, "%s: fds leaked (%d -> %d)", what, before, open_fds());
 }
 
@@ -325,6 +327,20 @@ static void named_cases(void)
         named("error reply", b.sb.data, b.sb.size, 0, 2, want[i], "");
         msgpack_sbuffer_destroy(&b.sb);
     }
+
+    /* refused at accept: an error for no request, then the end (docs/protocol.md §1) */
+    b_init(&b);
+    msgpack_pack_map(&b.pk, 2);
+    s(&b, "id");
+    msgpack_pack_nil(&b.pk);
+    s(&b, "error");
+    msgpack_pack_map(&b.pk, 2);
+    s(&b, "code");
+    s(&b, "EBUSY");
+    s(&b, "message");
+    s(&b, "uid 0 has too many connections (limits.max_connections_per_uid)");
+    named("refused at accept", b.sb.data, b.sb.size, 0, 2, -EBUSY, "too many connections");
+    msgpack_sbuffer_destroy(&b.sb);
 
     /* region with its fd, with nfds but no fd, with 20 fds (control buffer truncated) */
     b_init(&b);
