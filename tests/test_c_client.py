@@ -52,11 +52,30 @@ def missing_toolchain(cc: str, d: Path) -> str | None:
     return None
 
 
+SANFLAGS = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-g"]  # as SAN=1
+LEAK = (
+    "#include <stdlib.h>\nvoid *volatile p;\nint main(void) { p = malloc(77); p = 0; return 0; }\n"
+)
+OVERFLOW = (
+    "#include <stdlib.h>\nint main(void) { volatile char *p = malloc(8); p[8] = 1; return 0; }\n"
+)
+
+
+def sanitizer_probe(cc: str, d: Path, name: str, src: str) -> subprocess.CompletedProcess[str]:
+    """Build and run a program that must trip the sanitizers."""
+    (d / f"{name}.c").write_text(src)
+    subprocess.run([cc, *SANFLAGS, str(d / f"{name}.c"), "-o", str(d / name)], check=True)
+    return subprocess.run(
+        [str(d / name)], capture_output=True, text=True, env={**os.environ, **SAN_ENV}
+    )
+
+
 class Build:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, leak_check: str) -> None:
         self.root = root
         self.plain = root / "plain"
         self.san = root / "san"
+        self.leak_check = leak_check  # "" if LeakSanitizer works here, else why not
 
     def run(
         self, prog: str, *args: str, check: bool = True, timeout: float = 60
@@ -91,7 +110,15 @@ def cbuild() -> Iterator[Build]:
         why = missing_toolchain(cc, root)
         if why:
             pytest.skip(why)
-        b = Build(root)
+        leak = sanitizer_probe(cc, root, "leak", LEAK)
+        if leak.returncode != 87 and "LeakSanitizer has encountered a fatal error" in leak.stderr:
+            # e.g. a container that forbids ptrace: keep ASan and UBSan, say so in the probe test
+            SAN_ENV["ASAN_OPTIONS"] = SAN_ENV["ASAN_OPTIONS"].replace(
+                "detect_leaks=1", "detect_leaks=0"
+            )
+            b = Build(root, f"LeakSanitizer cannot run here: {leak.stderr.strip()[-300:]}")
+        else:
+            b = Build(root, "")
         for out, extra in ((b.plain, []), (b.san, ["SAN=1"])):
             done = subprocess.run(
                 ["make", "-s", "-j2", "-C", str(CDIR), f"BUILD={out}", f"CC={cc}", *extra],
@@ -102,6 +129,17 @@ def cbuild() -> Iterator[Build]:
         yield b
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+def test_the_sanitizers_catch_an_overflow_and_a_leak(cbuild: Build) -> None:
+    """The sanitized runs below would pass vacuously if the sanitizers were not live."""
+    cc = os.environ.get("CC", "cc")
+    over = sanitizer_probe(cc, cbuild.root, "overflow", OVERFLOW)
+    assert over.returncode != 0 and "heap-buffer-overflow" in over.stderr, over.stderr
+    if cbuild.leak_check:
+        pytest.skip(cbuild.leak_check)
+    leak = sanitizer_probe(cc, cbuild.root, "leak", LEAK)
+    assert leak.returncode == 87 and "detected memory leaks" in leak.stderr, leak.stderr
 
 
 def reports(text: str) -> list[dict[str, object]]:
