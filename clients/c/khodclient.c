@@ -749,6 +749,7 @@ int khod_map(khod_client *c, uint64_t phys, size_t len, void **addr)
         return -err;
     }
     *addr = m;
+    c->errmsg[0] = c->errcode[0] = 0;
     return 0;
 }
 
@@ -1259,6 +1260,7 @@ int khod_dispatch(khod_client *c, int timeout_ms)
             return s;
         answered++;
     }
+    c->errmsg[0] = c->errcode[0] = 0;
     return answered;
 }
 

@@ -149,7 +149,8 @@ void khod_set_timeout(khod_client *c, int timeout_ms);
 /* Largest request the client sends (default 16 MiB, the daemon's default
  * limits.max_frame); a larger request fails -EINVAL before anything is sent. */
 void khod_set_max_request(khod_client *c, size_t bytes);
-/* The message and code of the last failure on this client ("" if none). */
+/* The message and code of the last call's failure ("" after a call that succeeded).
+ * Valid until the next call on this client. */
 const char *khod_errmsg(const khod_client *c);
 const char *khod_errcode(const khod_client *c);
 
@@ -187,8 +188,8 @@ int khod_preserve_folios(khod_client *c, const uint64_t *phys, size_t n,
                          const uint8_t *orders, int order);
 int khod_unpreserve_folios(khod_client *c, const uint64_t *phys, size_t n,
                            const uint8_t *orders, int order);
-/* Byte ranges split into folios (docs/format.md §5); *folios (malloc'd) may be NULL-ed out
- * by passing folios == NULL. */
+/* A byte range split into folios (docs/format.md §5): the folios recorded into *folios
+ * (malloc'd, *n entries; pass folios == NULL not to get them). */
 int khod_preserve_phys(khod_client *c, uint64_t phys, uint64_t size, khod_folio **folios,
                        size_t *n);
 int khod_unpreserve_phys(khod_client *c, uint64_t phys, uint64_t size, khod_folio **folios,
