@@ -11,7 +11,9 @@ DATA_SRC   := tools/gendata.py config/khod.toml khod/main.py khod/startup.py kho
 DATA_STAMP := $(VENV)/.data-stamp
 PREFIX     ?= /usr/local
 
-.PHONY: install install-data test lint demo bench clean
+CBUILD ?= build/c
+
+.PHONY: install install-data test lint demo bench clean c
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -40,6 +42,10 @@ test: lint $(DATA_STAMP)
 demo: $(STAMP)
 	$(PY) -m khoexamples.demo
 
+# the C client (clients/c): library, pkg-config file, example and test programs
+c:
+	$(MAKE) -C clients/c BUILD=$(abspath $(CBUILD))
+
 bench: $(STAMP)
 	$(PY) bench/format.py --json
 	$(PY) bench/rpc.py --json
@@ -47,7 +53,8 @@ bench: $(STAMP)
 	$(PY) bench/memory.py --json
 	$(PY) bench/warm.py --json
 	$(PY) bench/blackout.py --json
+	$(PY) bench/c_client.py --json
 
 clean:
-	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache .hypothesis $(CBUILD)
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -3,7 +3,9 @@
 1. start khod on a temporary region (a sparse file on tmpfs);
 2. start two workloads: a toy VMM (64 MiB of order-9 guest memory) and a
    key-value store (20,000 keys with values of 200-4000 bytes; its hash table
-   and records in preserved order-9 folios, docs/kvstore.md);
+   and records in preserved order-9 folios, docs/kvstore.md); and, when a C
+   compiler and msgpack-c are there, the C example (clients/c/examples): a
+   table of counters written by a thread, built with libkhodclient;
 3. finalize, showing the FINALIZE notifier phase as it happens;
 4. hand over: the daemon exits and so do the workloads, as a kexec would end them;
 5. start the successor daemon and both workloads again: they reattach,
@@ -28,6 +30,7 @@ from typing import Any
 
 from khoclient import Client, KhoError, ctl
 
+CDIR = Path(__file__).resolve().parent.parent / "c"  # libkhodclient and its example
 GUEST = "64M"
 KEYS = 20000
 VALUES = "200-4000"  # bytes, as bench/warm.py
@@ -87,6 +90,27 @@ class Proc:
                 self.p.wait()
 
 
+def build_c_example(work: Path) -> tuple[Path | None, str]:
+    """The C workload (clients/c/examples), built for this run; or None and why not."""
+    exe = work / "c" / "khod-counters"
+    if not (CDIR / "Makefile").exists():
+        return None, "clients/c is not here"
+    if shutil.which("make") is None or shutil.which(os.environ.get("CC", "cc")) is None:
+        return None, "no C compiler"
+    try:
+        done = subprocess.run(
+            ["make", "-s", "-C", str(CDIR), f"BUILD={work / 'c'}", str(exe)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    except subprocess.TimeoutExpired:
+        return None, "building it took too long"
+    if done.returncode != 0:
+        return None, "it does not build here (msgpack-c missing? Debian: libmsgpack-dev)"
+    return exe, ""
+
+
 def main() -> int:
     work = Path(
         tempfile.mkdtemp(prefix="khod-demo-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
@@ -142,6 +166,21 @@ def main() -> int:
         vmm.wait_report(60)
         kv.wait_report(60)
 
+        cexe, why_not = build_c_example(work)
+        counters: Proc | None = None
+        if cexe is None:
+            print(f"   (the C workload is left out: {why_not})", flush=True)
+        else:
+            banner("start a C workload: khod-counters (libkhodclient), 4 MiB of counters")
+            counters = Proc("counters", [str(cexe), "run", "-m", "4", "-w", "1"], env)
+            procs.append(counters)
+            ready = counters.wait_report(30)
+            print(
+                f"   {ready['buckets']:,} buckets in {ready['folios']} preserved 2 MiB folios,"
+                " one writer thread counting into them",
+                flush=True,
+            )
+
         banner("khoctl status")
         ctl.run(["--socket", sock, "status"])
 
@@ -155,7 +194,7 @@ def main() -> int:
         handed_over = time.time()
         print(f"   handed over generation {gen}", flush=True)
         old.p.wait(30)
-        for p in (vmm, kv):
+        for p in (vmm, kv, *([counters] if counters else [])):
             p.p.wait(30)
 
         banner("start the successor daemon and the workloads again")
@@ -188,6 +227,12 @@ def main() -> int:
         rk = kv2.wait_report(60)
         vmm2.p.wait(30)
         kv2.p.wait(30)
+        rc: dict[str, Any] | None = None
+        if counters is not None and cexe is not None:
+            counters2 = Proc("counters (successor)", [str(cexe), "verify"], env)
+            procs.append(counters2)
+            rc = counters2.wait_report(30)
+            rc["exit"] = counters2.p.wait(30)
 
         banner("summary")
         with Client(sock) as op:
@@ -210,6 +255,16 @@ def main() -> int:
                 rk["bytes_copied"],
             ],
         ]
+        if rc is not None:
+            rows.append(
+                [
+                    "counters (C)",
+                    ctl.human(rc["bytes"]),
+                    f"{rc['restore_ms']} ms",
+                    "checksum ok" if rc["ok"] else "CHECKSUM MISMATCH",
+                    0,
+                ]
+            )
         ctl.table(rows, ["SESSION", "PRESERVED", "RESTORE", "VERIFIED", "BYTES COPIED"], sys.stdout)
         print(
             f"   blackout, handover to first restore in the successor: {(first_restore - handed_over) * 1e3:.0f} ms (interpreter start included)"
@@ -225,6 +280,7 @@ def main() -> int:
             and rk["keys_wrong"] == 0
             and vmm2.p.returncode == 0
             and kv2.p.returncode == 0
+            and (rc is None or (rc["ok"] is True and rc["exit"] == 0))
         )
         new.stop()
         print(
