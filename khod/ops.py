@@ -247,17 +247,22 @@ async def _alloc_folios(ctx: Context, s: Session, a: Args) -> Any:
     a.done()
     e = ctx.engine
     e.check_quota(s, count * folio_bytes(order))
-    got: list[I64] = []
+    # The reply's array is filled step by step and packed as it is (a memoryview):
+    # concatenating, converting and copying 8 MB at the end held the loop ~25 ms.
+    phys = np.empty(count, dtype="<u8")
+    done = 0
     try:
-        for at in range(0, count, BATCH):
-            got.append(e.alloc_folios(s, order, min(BATCH, count - at)))
+        while done < count:
+            n = min(BATCH, count - done)
+            phys[done : done + n] = e.alloc_folios(s, order, n)
+            done += n
             await trio.lowlevel.cancel_shielded_checkpoint()
     except BaseException:
-        for g in reversed(got):  # all or nothing
-            e.free_blocks(s, g >> PAGE_SHIFT, np.full(g.size, order, dtype=np.int64))
+        if done:  # all or nothing
+            pfns = phys[:done].astype(np.int64) >> PAGE_SHIFT
+            e.free_blocks(s, pfns, np.full(done, order, dtype=np.int64))
         raise
-    phys = np.concatenate(got).astype("<u8") if got else np.empty(0, dtype="<u8")
-    return {"phys": phys.tobytes() if packed else phys.tolist(), "order": order}
+    return {"phys": phys.data if packed else phys.tolist(), "order": order}
 
 
 @session_op("free_folio")
