@@ -157,7 +157,7 @@ def main() -> int:
         # ---------------------------------------------------------------- khod
         cfg = d / "khod.toml"
         cfg.write_text(
-            f'[region]\npath = "{d}/region"\nsize = "8G"\nscratch_size = "16M"\n'
+            f'[region]\npath = "{d}/region"\nsize = "16G"\nscratch_size = "16M"\n'
             f'[server]\nsocket = "{d}/khod.sock"\n[metrics]\nlisten = ""\n'
             '[limits]\nuid_max_bytes = "100%"\n[logging]\nlevel = "warning"\n'
         )
