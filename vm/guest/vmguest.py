@@ -528,9 +528,15 @@ def main() -> int:
     STATE.parent.mkdir(parents=True, exist_ok=True)
     state = json.loads(STATE.read_text()) if STATE.exists() else {"boot": 0}
     boot = int(state["boot"]) + 1
+    manager = sh(
+        ["systemctl", "show", "-p", "UserspaceTimestampMonotonic"],
+        check=False,
+    ).stdout
+    stamps = dict(line.split("=", 1) for line in manager.splitlines() if "=" in line)
     emit(
         "boot",
         boot=boot,
+        userspace_mono=int(stamps.get("UserspaceTimestampMonotonic", "0") or 0) / 1e6,
         release=os.uname().release,
         cpus=os.cpu_count(),
         loadavg=Path("/proc/loadavg").read_text().split()[:3],
