@@ -212,6 +212,7 @@ class Boot:
     n: int
     zero: float  # host time of the guest's CLOCK_MONOTONIC 0 (kernel start)
     userspace: float = 0.0  # guest CLOCK_MONOTONIC of systemd's start on the root file system
+    cpus: str = "?"  # the guest's online CPUs, as /sys/devices/system/cpu/online says
     khod: dict[str, Any] = field(default_factory=dict)
     workloads: dict[str, Any] = field(default_factory=dict)
 
@@ -243,12 +244,14 @@ class Run:
             expected = len(self.boots) + 1
             if n != expected:
                 raise Failed(f"the guest started boot {n}, expected boot {expected}")
-            new = Boot(n, now - float(ev["t"]), float(ev.get("userspace_mono", 0.0)))
+            new = Boot(
+                n, now - float(ev["t"]), float(ev.get("userspace_mono", 0.0)), str(ev.get("cpus"))
+            )
             self.boots[n] = new
             if n == 1:
                 say(
                     f"boot 1: kernel started {new.zero - self.t0:.1f} s after QEMU "
-                    f"({ev.get('release')}, {ev.get('cpus')} CPUs, clocksource {ev.get('clocksource')})"
+                    f"({ev.get('release')}, CPUs {ev.get('cpus')} online, clocksource {ev.get('clocksource')})"
                 )
             return
         b = self.boots.get(n)
@@ -280,7 +283,7 @@ class Run:
             f"kernel and initramfs {b.userspace:.1f} s, systemd to khod's start "
             f"{b.khod['exec_mono'] - b.userspace:.1f} s, khod's start {ready - b.host(b.khod['exec_mono']):.1f} s; populate "
             f"{start.get('populate_ms')} ms: generation {gen}, {start.get('incoming_sessions')} "
-            f"sessions, {mib(int(start.get('incoming_bytes', 0)))}; {load()})"
+            f"sessions, {mib(int(start.get('incoming_bytes', 0)))}; CPUs {b.cpus}; {load()})"
         )
 
     def on_workloads(self, b: Boot, ev: dict[str, Any], now: float) -> None:

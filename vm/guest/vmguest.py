@@ -538,7 +538,7 @@ def main() -> int:
         boot=boot,
         userspace_mono=int(stamps.get("UserspaceTimestampMonotonic", "0") or 0) / 1e6,
         release=os.uname().release,
-        cpus=os.cpu_count(),
+        cpus=Path("/sys/devices/system/cpu/online").read_text().strip(),
         loadavg=Path("/proc/loadavg").read_text().split()[:3],
         clocksource=Path("/sys/devices/system/clocksource/clocksource0/current_clocksource")
         .read_text()
