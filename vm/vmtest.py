@@ -430,7 +430,7 @@ def run_guest(image: vmimage.Image, accel: str, serial_log: Path, timeout: float
                         return run
                     if run.failed is not None:
                         return run
-                    what = "in all" if now >= deadline else f"for {GAP_S:.0f} s"
+                    what = "in all" if time.monotonic() >= deadline else f"for {GAP_S:.0f} s"
                     raise Failed(
                         f"timeout: no progress from the guest {what} (boots seen: "
                         f"{sorted(run.boots)}); last serial lines: {' | '.join(serial.recent[-5:])}"
@@ -530,6 +530,9 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 0
     except (Failed, base.BuildError) as exc:
+        say(f"FAIL after {time.monotonic() - t0:.0f} s: {exc}; serial log {serial_log}")
+        return 1
+    except OSError as exc:  # a tool or file the steps above did not expect to miss
         say(f"FAIL after {time.monotonic() - t0:.0f} s: {exc}; serial log {serial_log}")
         return 1
     except (KeyboardInterrupt, Interrupted) as exc:
