@@ -27,7 +27,7 @@ demo: $(STAMP)
 	$(PY) -m khoexamples.demo
 
 # khod across real kexecs of Linux in a QEMU guest (vm/vmtest.py; needs root, qemu-system-x86,
-# debootstrap, e2fsprogs; caches in /var/cache/khod-vm). About 10 min cold, 6 min cached, under TCG.
+# debootstrap, e2fsprogs; caches in /var/cache/khod-vm). About 6.5 min cold, 4-5 min cached, under TCG.
 vm-test: $(STAMP)
 	$(PY) -m vm.vmtest
 
