@@ -21,6 +21,7 @@ else TCG, on which a cold run takes about 6½ minutes here, a cached one 4-5.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import queue
@@ -73,6 +74,7 @@ MARKER = re.compile(r"(?<![\w-])KHOD-VMTEST (\{.*\})\s*$")
 GAP_S = 720.0  # longest the guest may go without a marker (the guest's own waits are shorter)
 SHUTDOWN_S = 180.0  # from pass/fail to QEMU's exit (a poweroff)
 PROBE_S = 30.0
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 class Failed(Exception):
@@ -181,13 +183,23 @@ class Serial(threading.Thread):
         self.lines.put(None)
 
 
+def die_with_parent() -> None:
+    """In QEMU's child before exec: SIGKILL it when this driver dies, even by SIGKILL."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
 @contextmanager
 def qemu(
     argv: list[str], log: TextIO, t0: float
 ) -> Iterator[tuple[subprocess.Popen[bytes], Serial]]:
     """QEMU running with its serial console read; stopped on the way out, whatever happens."""
     proc = subprocess.Popen(
-        argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        argv,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        preexec_fn=die_with_parent,
     )
     serial = Serial(proc, log, t0)
     serial.start()
@@ -454,6 +466,14 @@ def run_guest(image: vmimage.Image, accel: str, serial_log: Path, timeout: float
 # ----------------------------------------------------------------------------- main
 
 
+def remove_stale_work(parent: Path) -> None:
+    """Per-run directories (a disk image each) of runs whose driver is gone (killed)."""
+    for d in parent.glob("run-*-*"):
+        pid = d.name.split("-")[1]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            shutil.rmtree(d, ignore_errors=True)
+
+
 def preflight() -> None:
     if os.geteuid() != 0:
         raise Failed("needs root: debootstrap and chroot build the guest")
@@ -501,7 +521,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         preflight()
         (args.cache / "work").mkdir(parents=True, exist_ok=True)
-        work = Path(tempfile.mkdtemp(prefix="run-", dir=args.cache / "work"))
+        remove_stale_work(args.cache / "work")
+        work = Path(tempfile.mkdtemp(prefix=f"run-{os.getpid()}-", dir=args.cache / "work"))
         image = vmimage.build(
             REPO, args.cache, work, PARAMS, build_log, lambda s: say(f"build: {s}")
         )
