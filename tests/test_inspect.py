@@ -183,3 +183,37 @@ def test_wrong_base_is_a_region_mismatch(built: th.Setup) -> None:
     r = khoctl("inspect", "--base", hex(built.region.base + (1 << 30)), built.region.path)
     assert r.returncode == ctl.Exit.REJECT
     assert "region_mismatch" in r.stdout
+
+
+def test_a_devmem_window_is_inspected_where_the_config_puts_it(built: th.Setup) -> None:
+    """/dev/mem has no size and no record at offset 0: the window is --base and --size."""
+    built.region.flush()
+    mem = Path(built.region.path + ".mem")  # stands in for /dev/mem: phys = file offset
+    with open(mem, "wb") as f:
+        f.truncate(built.region.base + built.region.size)
+        f.seek(built.region.base)
+        f.write(file_bytes(built.region.path))
+    base, size = hex(built.region.base), str(built.region.size)
+    r = khoctl("inspect", "--backend", "devmem", "--base", base, "--size", size, str(mem))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "verdict: ACCEPT (populate)" in r.stdout and "(from --base)" in r.stdout
+    corrupt_too_many(built)
+    built.region.flush()
+    with open(mem, "r+b") as f:
+        f.seek(built.region.base)
+        f.write(file_bytes(built.region.path))
+    r = khoctl("inspect", "--backend", "devmem", "--base", base, "--size", size, str(mem))
+    assert r.returncode == ctl.Exit.REJECT
+    assert f"verdict: REFUSE: {Fault.TOO_MANY_ENTRIES}" in r.stdout
+    r = khoctl("inspect", "--backend", "devmem", str(mem))
+    assert r.returncode == ctl.Exit.LOCAL
+    assert "give the region's window with --base and --size" in r.stderr
+    r = khoctl("inspect", "--size", "12Q", str(mem))
+    assert r.returncode == ctl.Exit.USAGE and "not a size" in r.stderr
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/mem"), reason="no /dev/mem here")
+def test_dev_mem_is_recognized_and_needs_its_window() -> None:
+    r = khoctl("inspect", "/dev/mem")  # refused before anything is opened
+    assert r.returncode == ctl.Exit.LOCAL
+    assert "/dev/mem is physical memory (devmem)" in r.stderr

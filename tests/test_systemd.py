@@ -63,6 +63,9 @@ def test_unit_settings_that_matter() -> None:
         "ProtectSystem=strict",
     ):
         assert f"\n{line}" in service, line
+    devmem = (UNITS / "devmem.conf").read_text()  # /dev/mem is root:kmem 0640; khod writes it
+    assert "\nAmbientCapabilities=CAP_SYS_RAWIO CAP_DAC_OVERRIDE" in devmem
+    assert "\nCapabilityBoundingSet=CAP_SYS_RAWIO CAP_DAC_OVERRIDE" in devmem
     sock = (UNITS / "khod.socket").read_text()
     assert "\nListenStream=/run/khod/khod.sock" in sock
     assert "\nSocketMode=0660" in sock and "\nSocketGroup=khod" in sock

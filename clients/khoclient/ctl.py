@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 from enum import IntEnum
 from typing import Any, TextIO
 
+from khod.config import ConfigError, parse_size
 from khod.errors import KhoError
 from khod.inspect import Report, inspect_region
 from khod.pids import pid_alive
@@ -317,7 +318,9 @@ def cmd_fdt(args: argparse.Namespace, out: TextIO) -> int:
 
 def cmd_inspect(args: argparse.Namespace, out: TextIO) -> int:
     try:
-        rep = inspect_region(args.region, args.base, pid_alive=pid_alive)
+        rep = inspect_region(
+            args.region, args.base, size=args.size, backend=args.backend, pid_alive=pid_alive
+        )
     except KhoError as exc:
         sys.stderr.write(f"khoctl: inspect: {exc.message}\n")
         return Exit.LOCAL
@@ -382,6 +385,13 @@ def _print_report(rep: Report, out: TextIO) -> None:
 # ----------------------------------------------------------------------------- entry point
 
 
+def _size(text: str) -> int:
+    try:
+        return parse_size(text, "--size")
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(exc.message) from None
+
+
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="khoctl",
@@ -418,13 +428,27 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("-o", "--output", help="write to FILE (a terminal gets no binary)")
     p = sub.add_parser(
-        "inspect", help="decode and verify a region file offline (read-only, no daemon)"
+        "inspect",
+        help="decode and verify a region offline (read-only, no daemon): a region file, "
+        "/dev/mem with --base and --size, or a DAX device",
     )
     p.add_argument("region", metavar="REGION_FILE", help="the region file, or a copy of it")
     p.add_argument(
         "--base",
         type=lambda s: int(s, 0),
-        help="phys of the region's first byte (default: what the record says)",
+        help="phys of the region's first byte (default: what the record says; "
+        "required for /dev/mem)",
+    )
+    p.add_argument(
+        "--size",
+        type=_size,
+        help="the region's size, e.g. 256M (required for /dev/mem: region.size of the config)",
+    )
+    p.add_argument(
+        "--backend",
+        choices=("file", "devmem", "dax"),
+        help="how to open REGION_FILE (default: devmem for /dev/mem, dax for another device, "
+        "else file)",
     )
     p.add_argument(
         "--expect-handover",
