@@ -122,6 +122,7 @@ class Engine:
         # bitmaps of every tracker the next handover writes: what its chunk lists will take
         self._bitmaps: dict[tuple[str, SessionKey], int] = {}
         self._bitmaps_total = 0
+        self._reattached = 0  # live sessions that took an incoming one's name (counted once)
         fdt_pages = -(-(lim.tree_total_bytes + FDT_FIXED_BYTES) // PAGE_SIZE)
         self._fdt_pages = 1 << max(0, (fdt_pages - 1).bit_length())  # one block of 2^k pages
         for k, inc in self.incoming.items():  # carried forward until released
@@ -161,6 +162,7 @@ class Engine:
             if inc is not None:
                 inc.claimed = True
                 s.incoming = inc
+                self._reattached += 1
             self.sessions[key] = s
         s.connections.add(conn)
         return s, created
@@ -184,6 +186,8 @@ class Engine:
         self.free_blocks(s, *s.folios())
         if s.incoming is not None:
             s.incoming.claimed = False
+            if self.sessions.get(s.key) is s:  # (a second discard counts nothing)
+                self._reattached -= 1
         else:
             self.memory.drop(s.key)
         s.tree.budget.release(s.tree.nodes, s.tree.size + session_node_bytes(s.key))
@@ -255,7 +259,8 @@ class Engine:
         tree budget allows (docs/design.md §3).
         """
         b = self._bitmaps_total
-        lists = len(self._session_keys()) + 1
+        # len(self._session_keys()) without building the set: this runs on every preserve
+        lists = len(self.sessions) + len(self.incoming) - self._reattached + 1
         return -(-2 * b // 8) + -(-2 * b // 255) + 20 * lists + self._fdt_pages
 
     def _room_for_metadata(self) -> None:

@@ -368,3 +368,25 @@ async def test_answers_to_unknown_rounds_are_refused(rig: Rig) -> None:
     with pytest.raises(KhoError, match="no notifier round 42") as e:
         rig.life.answer(1, 42, "ok", "")
     assert e.value.code is Errno.ENOENT
+
+
+def test_the_metadata_reserve_counts_each_session_list_once(make_region: MakeRegion) -> None:
+    """metadata_need counts live and handed-over sessions without building their union
+    on every preserve; a reattached one is one list, and so is one discarded twice."""
+    region = make_region(16 << 20)
+    alloc, scratch = layout(region, 1 << 20)
+    write_record(region, live_record(region, scratch, 0, os.getpid()))
+    engine = Engine(region, alloc, scratch, 0, pid=os.getpid())
+
+    def lists() -> int:
+        return len(engine._session_keys()) + 1
+
+    base = engine.metadata_need() - 20 * lists()
+    a, _ = engine.hello(0, "a", False, 1)
+    b, _ = engine.hello(7, "a", True, 2)
+    assert engine.metadata_need() - 20 * lists() == base and lists() == 3
+    engine.discard(a)
+    engine.discard(a)
+    assert engine.metadata_need() - 20 * lists() == base and lists() == 2
+    engine.discard(b)
+    assert engine.metadata_need() - 20 * lists() == base and lists() == 1

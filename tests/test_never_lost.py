@@ -23,6 +23,7 @@ import trio.testing
 from khoclient import AsyncClient, KhoError
 
 from khod.config import ConfigError, from_mapping
+from khod.engine import Engine
 from khod.errors import Errno
 from khod.kho.handover import read_handover
 from khod.kho.record import RecordState, decode_record, read_record
@@ -409,3 +410,35 @@ def test_freeing_handed_over_memory_takes_the_handover_over(shm_dir: Path) -> No
         assert record_state(shm_dir) is RecordState.LIVE
         assert succ.stop() == 0
     assert record_state(shm_dir) is RecordState.CLEAN
+
+
+async def test_the_metadata_reserve_counts_a_reattached_session_once(shm_dir: Path) -> None:
+    """Handed-over sessions, reattached or not, are one chunk list each in the reserve
+    (counted without building the set of their names on every preserve)."""
+
+    def reserve_matches(e: Engine) -> bool:
+        b = e._bitmaps_total
+        lists = len(e._session_keys()) + 1
+        return e.metadata_need() == -(-2 * b // 8) + -(-2 * b // 255) + 20 * lists + e._fdt_pages
+
+    async with inproc_daemon(shm_dir) as d:
+        for name in ("a", "b"):
+            async with AsyncClient(d.socket, name, persistent=True) as c:
+                await c.preserve_folio(await c.alloc_folio(0))
+        assert reserve_matches(d.server.engine)
+        async with AsyncClient(d.socket) as op:
+            await op.finalize()
+            await op.handover()
+    async with inproc_daemon(shm_dir) as d:
+        e = d.server.engine
+        assert len(e._session_keys()) == 2 and reserve_matches(e)
+        async with AsyncClient(d.socket, "a", persistent=True):  # reattaches "a"
+            assert len(e._session_keys()) == 2 and reserve_matches(e)
+            async with AsyncClient(d.socket, "c") as c:
+                await c.ping()
+                assert len(e._session_keys()) == 3 and reserve_matches(e)
+        await trio.testing.wait_all_tasks_blocked()
+        assert len(e._session_keys()) == 2 and reserve_matches(e)  # "c" went, "a" stays
+        async with AsyncClient(d.socket) as op:
+            await op.release_unclaimed()
+        assert len(e._session_keys()) == 1 and reserve_matches(e)  # "b" released
