@@ -148,6 +148,8 @@ class Status:
 
 def wire(value: Any) -> Any:
     """A result as the plain maps, lists and scalars a reply carries."""
+    if type(value) is dict:  # most replies: no dataclass check to pay for
+        return value
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return dataclasses.asdict(value, dict_factory=dict)
     return value

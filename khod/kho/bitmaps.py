@@ -161,10 +161,14 @@ class OrderBitmaps:
         idx = hi >> BITMAP_SHIFT
         s = self.slot[idx]
         w = (hi >> 6) & 63
-        self.rows[s, w] = np.uint64(int(self.rows[s, w]) & ~(1 << (hi & 63)))
+        word = int(self.rows[s, w]) & ~(1 << (hi & 63))
+        self.rows[s, w] = np.uint64(word)
         self.count -= 1
-        if not self.rows[s].any():
-            self.drop_if_empty((idx,))
+        if not word and not self.rows[s].any():  # the word still set: the bitmap is too
+            del self.slot[idx]
+            self.free.append(s)
+            self._invalidate()
+            self._maybe_compact()
 
     # ----------------------------------------------------------------- vectorized
 
