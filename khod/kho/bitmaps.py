@@ -15,6 +15,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -23,6 +24,7 @@ from khod.kho.abi import BITMAP_SHIFT, BITMAP_WORDS, LE_U64, Rows, set_bit_posit
 from khod.pages import I64
 
 _ONE = np.uint64(1)
+_NATIVE_LE = sys.byteorder == "little"  # the format's u64 words are the machine's own
 _WORD_MASK = np.int64(63)
 
 
@@ -33,18 +35,50 @@ def _is_sorted_unique(a: I64) -> bool:
 class OrderBitmaps:
     """All bitmaps of one order."""
 
-    __slots__ = ("_keys", "_slots", "count", "free", "order", "rows", "slot")
+    __slots__ = ("_keys", "_rows", "_slots", "_words", "count", "free", "order", "slot")
+
+    _words: Any  # the slab's words, flat (see ``rows``)
 
     def __init__(self, order: int) -> None:
         self.order = order
-        self.rows: Rows = np.zeros((0, BITMAP_WORDS), dtype=LE_U64)
+        self.rows = np.zeros((0, BITMAP_WORDS), dtype=LE_U64)
         self.slot: dict[int, int] = {}
         self.free: list[int] = []
         self.count = 0
         self._keys: I64 | None = None
         self._slots: I64 | None = None
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Copies and pickles carry the slab; its view is made again (a memoryview
+        cannot be pickled)."""
+        return {k: getattr(self, k) for k in self.__slots__ if k != "_words"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        for k, v in state.items():
+            setattr(self, k, v)
+        self.rows = state["_rows"]
+
     # ----------------------------------------------------------------- storage
+
+    @property
+    def rows(self) -> Rows:
+        return self._rows
+
+    @rows.setter
+    def rows(self, value: Rows) -> None:
+        """Every new slab gets a flat view of its words for the scalar methods.
+
+        Indexing a memoryview gives a Python int: no numpy scalar is built,
+        which is most of what a single-folio request cost in a busy daemon.
+        Where u64 is not little-endian the numpy view does the same, slower.
+        """
+        self._rows = value
+        if not _NATIVE_LE:
+            self._words = value.reshape(-1)
+        elif value.size:
+            self._words = value.data.cast("B").cast("Q")
+        else:  # (a view of no words cannot be cast)
+            self._words = memoryview(b"").cast("Q")
 
     def _invalidate(self) -> None:
         self._keys = self._slots = None
@@ -127,7 +161,7 @@ class OrderBitmaps:
         s = self.slot.get(hi >> BITMAP_SHIFT)
         if s is None:
             return False
-        return bool((int(self.rows[s, (hi >> 6) & 63]) >> (hi & 63)) & 1)
+        return bool((int(self._words[(s << 6) | ((hi >> 6) & 63)]) >> (hi & 63)) & 1)
 
     def any1(self, hi: int, k: int) -> bool:
         """Any bit set in ``[hi, hi + 2**k)``; ``hi`` is aligned to ``2**k``."""
@@ -146,23 +180,23 @@ class OrderBitmaps:
         if k >= 6:
             return bool(self.rows[s, w : w + (1 << (k - 6))].any())
         mask = ((1 << (1 << k)) - 1) << (hi & 63)
-        return bool(int(self.rows[s, w]) & mask)
+        return bool(int(self._words[(s << 6) | w]) & mask)
 
     def set1(self, hi: int) -> None:
         idx = hi >> BITMAP_SHIFT
         s = self.slot.get(idx)
         if s is None:
             s = self.add_index(idx)
-        w = (hi >> 6) & 63
-        self.rows[s, w] = np.uint64(int(self.rows[s, w]) | (1 << (hi & 63)))
+        i = (s << 6) | ((hi >> 6) & 63)
+        self._words[i] = int(self._words[i]) | (1 << (hi & 63))
         self.count += 1
 
     def clear1(self, hi: int) -> None:
         idx = hi >> BITMAP_SHIFT
         s = self.slot[idx]
-        w = (hi >> 6) & 63
-        word = int(self.rows[s, w]) & ~(1 << (hi & 63))
-        self.rows[s, w] = np.uint64(word)
+        i = (s << 6) | ((hi >> 6) & 63)
+        word = int(self._words[i]) & ~(1 << (hi & 63))
+        self._words[i] = word
         self.count -= 1
         if not word and not self.rows[s].any():  # the word still set: the bitmap is too
             del self.slot[idx]
