@@ -57,6 +57,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from harness import kill_all
 from khoclient import Client, KhoError
 from report import print_figures
 
@@ -226,10 +227,7 @@ class Bench:
             os.close(fd)
 
     def close(self) -> None:
-        for p in self.procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+        kill_all(self.procs)
         self.notify.close()
 
 

@@ -27,12 +27,12 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from khoclient import Client, KhoError
+from harness import kill_all, rate, wait_for_socket
+from khoclient import Client
 from khoclient import calls as C
 from report import print_figures
 
@@ -61,31 +61,6 @@ def c_figures(bench: Path, *args: str) -> dict[str, Any]:
     """Run the C benchmark program; its last line is a JSON object."""
     done = subprocess.run([str(bench), *args], capture_output=True, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
-
-
-def wait_for_socket(path: str, proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            Client(path, timeout=5).close()
-            return
-        except KhoError:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited with {proc.returncode}") from None
-            if time.monotonic() > deadline:
-                raise TimeoutError(path) from None
-            time.sleep(0.005)
-
-
-def rate(fn: Callable[[], None], seconds: float) -> float:
-    n, t0 = 0, time.perf_counter()
-    while True:
-        for _ in range(100):
-            fn()
-        n += 100
-        now = time.perf_counter()
-        if now >= t0 + seconds:
-            return n / (now - t0)
 
 
 def py_ping(path: str, seconds: float) -> float:
@@ -185,10 +160,7 @@ def main() -> int:
         khod.terminate()
         khod.wait(60)
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+        kill_all(procs)
         shutil.rmtree(d, ignore_errors=True)
 
     targets = {

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from harness import connect, kill_all, show_log, start_khod
 from khoclient import Client, KhoError
 from khoclient import calls as C
 from report import print_figures
@@ -47,24 +48,6 @@ def write_config(d: Path) -> Path:
         '[limits]\nuid_max_bytes = "100%"\n[logging]\nlevel = "warning"\n'
     )
     return cfg
-
-
-def start_khod(cfg: Path, log: Path) -> subprocess.Popen[bytes]:
-    with open(log, "ab") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", "khod", "-c", str(cfg)], stdout=out, stderr=subprocess.STDOUT
-        )
-
-
-def connect(sock: str, proc: subprocess.Popen[bytes], **kw: Any) -> Client:
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            return Client(sock, timeout=600, **kw)
-        except KhoError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise
-            time.sleep(0.01)
 
 
 def bystander(sock: str, stop: Any, out: Any) -> None:
@@ -164,13 +147,10 @@ def main() -> int:
         pings += out.get(timeout=60)
         by.join()
     except BaseException:
-        sys.stderr.write(f"khod's log:\n{(d / 'khod.log').read_text(errors='replace')[-4000:]}\n")
+        show_log(d / "khod.log")
         raise
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+        kill_all(procs)
         shutil.rmtree(d, ignore_errors=True)
 
     floor = [b - a for a, b in pings if quiet[0] <= a and b <= quiet[1]]

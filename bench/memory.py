@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from fairness import connect, start_khod
+from harness import connect, kill_all, show_log, start_khod
 from khoclient import calls as C
 from report import print_figures
 
@@ -101,15 +101,10 @@ def main() -> int:
             fig["restore_folios_512k_ms"] = round((time.perf_counter() - t0) * 1e3, 1)
             assert np.all(np.frombuffer(r["orders"], dtype=np.uint8) == 9)
     except BaseException:
-        log = d / "khod.log"
-        if log.exists():
-            sys.stderr.write(f"khod's log:\n{log.read_text(errors='replace')[-4000:]}\n")
+        show_log(d / "khod.log")
         raise
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+        kill_all(procs)
         shutil.rmtree(d, ignore_errors=True)
     print_figures(
         "khod memory benchmark: batches of folios in one request (packed)",

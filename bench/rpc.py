@@ -53,6 +53,7 @@ from typing import Any
 
 import msgpack
 import numpy as np
+from harness import kill_all, rate, start_khod, wait_for_socket
 from khoclient import Client, KhoError
 from khoclient import calls as C
 from report import print_figures
@@ -61,33 +62,6 @@ HERE = Path(__file__).resolve().parent
 GIB = 1 << 30
 REGION = 72 * GIB  # 64 GiB preserved + room for scratch, metadata, allocations
 CLIENTS = 8
-
-
-def wait_for_socket(path: str, proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            Client(path, timeout=5).close()
-            return
-        except KhoError:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited with {proc.returncode}") from None
-            if time.monotonic() > deadline:
-                raise TimeoutError(path) from None
-            time.sleep(0.005)
-
-
-def rate(fn: Callable[[], None], seconds: float) -> float:
-    """Calls per second of ``fn`` over about ``seconds``."""
-    n, t0 = 0, time.perf_counter()
-    end = t0 + seconds
-    while True:
-        for _ in range(100):
-            fn()
-        n += 100
-        now = time.perf_counter()
-        if now >= end:
-            return n / (now - t0)
 
 
 def cpu_seconds(pid: int) -> float:
@@ -256,13 +230,6 @@ def write_config(d: Path) -> Path:
     return cfg
 
 
-def start_khod(cfg: Path, log: Path) -> subprocess.Popen[bytes]:
-    with open(log, "ab") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", "khod", "-c", str(cfg)], stdout=out, stderr=subprocess.STDOUT
-        )
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", action="store_true", help="print one JSON object as the last line")
@@ -315,10 +282,7 @@ def main() -> int:
         if not args.rtt_only:
             bulk(fig, sock, khod, cfg, log, procs)
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+        kill_all(procs)
         shutil.rmtree(d, ignore_errors=True)
 
     targets = {

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fairness import connect, start_khod
+from harness import connect, kill_all, show_log, start_khod
 from report import print_figures
 
 from khod.config import parse_size
@@ -100,14 +100,10 @@ def measure(memory: str = "1T") -> dict[str, Any]:
             "vmm_first_restore_ms": round((rv["first_restore_ts"] - t0) * 1e3, 1),
         }
     except BaseException:
-        if log.exists():
-            sys.stderr.write(f"khod's log:\n{log.read_text(errors='replace')[-4000:]}\n")
+        show_log(log)
         raise
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+        kill_all(procs)
         shutil.rmtree(d, ignore_errors=True)
 
 

@@ -47,8 +47,9 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
+import harness
 import vmm_restore
-from khoclient import Client, KhoError
+from khoclient import Client
 from report import print_figures
 
 from khod.config import parse_size
@@ -68,22 +69,10 @@ def write_config(d: Path, region: int) -> Path:
 
 
 def start_khod(cfg: Path, log: Path) -> subprocess.Popen[bytes]:
-    with open(log, "ab") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "khod", "-c", str(cfg)], stdout=out, stderr=subprocess.STDOUT
-        )
-    sock = str(cfg.parent / "khod.sock")
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            Client(sock, timeout=5).close()
-            return proc
-        except KhoError:
-            if proc.poll() is not None:
-                raise RuntimeError(f"khod exited {proc.returncode}:\n{log.read_text()}") from None
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"khod did not come up:\n{log.read_text()}") from None
-            time.sleep(0.005)
+    """khod on ``cfg``, once its socket answers."""
+    proc = harness.start_khod(cfg, log)
+    harness.wait_for_socket(str(cfg.parent / "khod.sock"), proc, timeout=60, log=log)
+    return proc
 
 
 def handover(sock: str, khod: subprocess.Popen[bytes]) -> None:
@@ -237,10 +226,7 @@ def one_size(size: int, args: Any, tag: str) -> dict[str, Any]:
         dropped = st.start(probe)[0]
         st.quit()
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+        harness.kill_all(procs)
         errlog.close()
         shutil.rmtree(shm, ignore_errors=True)
         shutil.rmtree(disk, ignore_errors=True)
