@@ -30,6 +30,7 @@ from khoexamples.kvdb import Store
 from khoexamples.kvformat import (
     HEADER,
     HEADER_CRC_AT,
+    HEADER_FIELDS,
     MAX_KEY,
     MAX_VALUE,
     OPEN,
@@ -203,26 +204,9 @@ def test_an_unsealed_table_is_refused() -> None:
 def rewrite_header(s: Store, **fields: int | bytes) -> None:
     """Change superblock fields and give it a valid CRC again (damage the CRC cannot see)."""
     raw = bytearray(s.mem.superblock[: HEADER.size])
-    names = [
-        "magic",
-        "version",
-        "state",
-        "segment_shift",
-        "index_order",
-        "index_slots",
-        "index_phys",
-        "live",
-        "tombstones",
-        "segments",
-        "used",
-        "live_bytes",
-        "dead_bytes",
-        "seals",
-        "uuid",
-    ]
     vals = list(HEADER.unpack_from(raw))
     for k, v in fields.items():
-        vals[names.index(k)] = v
+        vals[HEADER_FIELDS.index(k)] = v
     raw[:] = HEADER.pack(*vals)
     raw[HEADER_CRC_AT:] = struct.pack("<I", zlib.crc32(raw[:HEADER_CRC_AT]))
     s.mem.superblock[: HEADER.size] = raw
