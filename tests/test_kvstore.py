@@ -17,7 +17,6 @@ import struct
 import subprocess
 import sys
 import zlib
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +43,12 @@ from khoexamples.kvmemory import AnonMemory
 from khoexamples.kvtable import Table, slots_for
 
 from .helpers import Daemon, daemon_running
-from .test_examples import finish, report_of
+from .test_examples import (
+    STARTED,
+    _no_example_left_running,  # noqa: F401 (autouse: stores are reaped too)
+    finish,
+    report_of,
+)
 
 
 def new_store(tmp: Path | None = None, slots: int = 8, **mem: int) -> Store:
@@ -421,19 +425,6 @@ def test_fill_places_every_entry_on_its_probe_path(n: int, seed: int, narrow: bo
 
 
 # ----------------------------------------------------------------- through khod, as processes
-
-
-STARTED: list[subprocess.Popen[str]] = []
-
-
-@pytest.fixture(autouse=True)
-def _no_store_left_running() -> Iterator[None]:
-    yield
-    while STARTED:
-        p = STARTED.pop()
-        if p.poll() is None:
-            p.kill()
-        p.communicate(timeout=30)
 
 
 def kv(sock: str, *args: str, log: Path) -> subprocess.Popen[str]:
