@@ -200,6 +200,35 @@ def raw_connect(path: str) -> socket.socket:
 UNPRIVILEGED = 65534
 
 
+def spawn_activated(
+    listener: socket.socket,
+    cfg: Path,
+    log: Path,
+    *args: str,
+    settings: str = "",
+    env: dict[str, str] | None = None,
+) -> subprocess.Popen[bytes]:
+    """``khod -c cfg ARGS`` started as systemd starts a socket-activated service: the
+    listening socket as fd 3, LISTEN_PID its own pid, LISTEN_FDS=1, and ``settings``
+    (more ``VAR=value`` words, ``$$`` being that pid) set the same way."""
+    fd = listener.fileno()
+
+    def as_fd3() -> None:
+        if fd != 3:
+            os.dup2(fd, 3)
+
+    line = f'LISTEN_PID=$$ LISTEN_FDS=1 {settings}exec "{sys.executable}" -m khod -c {cfg}'
+    with open(log, "wb") as out:
+        return subprocess.Popen(
+            ["sh", "-c", " ".join([line, *args])],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            pass_fds=(3,),
+            preexec_fn=as_fd3,
+        )
+
+
 def as_nobody(
     socket_path: str, actions: str, extra: dict[str, Any] | None = None
 ) -> dict[str, Any]:

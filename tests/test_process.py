@@ -6,8 +6,6 @@ import os
 import signal
 import socket
 import struct
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,7 +14,15 @@ from khoclient import Client, KhoError
 from khod.errors import Errno
 from khod.kho.record import RecordState, decode_record
 
-from .helpers import UNPRIVILEGED, as_nobody, daemon_running, sha, start_daemon, write_config
+from .helpers import (
+    UNPRIVILEGED,
+    as_nobody,
+    daemon_running,
+    sha,
+    spawn_activated,
+    start_daemon,
+    write_config,
+)
 
 PAGE = 4096
 
@@ -152,21 +158,7 @@ def test_socket_activation(shm_dir: Path) -> None:
     listener.listen(8)
     cfg = write_config(shm_dir)
     log = shm_dir / "act.log"
-    fd = listener.fileno()
-
-    def as_fd3() -> None:
-        if fd != 3:
-            os.dup2(fd, 3)
-
-    # fd 3 in the child, and LISTEN_PID equal to the child's own pid (as systemd does)
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            ["sh", "-c", f'LISTEN_PID=$$ LISTEN_FDS=1 exec "{sys.executable}" -m khod -c {cfg}'],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            pass_fds=(3,),
-            preexec_fn=as_fd3,
-        )
+    proc = spawn_activated(listener, cfg, log)
     try:
         with Client(path, timeout=20) as c:
             c.ping()

@@ -33,7 +33,7 @@ from khod.region import open_region
 from khod.startup import Exit, StartupRefused
 
 from .conftest import BASE, MakeRegion
-from .helpers import Daemon, pattern, start_daemon, write_config
+from .helpers import Daemon, pattern, spawn_activated, start_daemon, write_config
 
 PAGE = 4096
 
@@ -250,31 +250,15 @@ def test_a_standby_under_a_service_manager_is_ready_fed_and_inherits_the_queue(
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(listen_path)
     listener.listen(64)
-    fd = listener.fileno()
     cfg = write_config(shm_dir)
-
-    def as_fd3() -> None:
-        if fd != 3:
-            os.dup2(fd, 3)
 
     def spawn(name: str, *args: str, watchdog: bool = False) -> subprocess.Popen[bytes]:
         env = {**os.environ, "NOTIFY_SOCKET": notify_path}
         env.pop("KHOD_FAULT", None)
         extra = "WATCHDOG_PID=$$ WATCHDOG_USEC=200000 " if watchdog else ""
-        with open(shm_dir / f"{name}.log", "wb") as out:
-            return subprocess.Popen(
-                [
-                    "sh",
-                    "-c",
-                    f'LISTEN_PID=$$ LISTEN_FDS=1 {extra}exec "{sys.executable}" -m khod '
-                    f"-c {cfg} {' '.join(args)}",
-                ],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                env=env,
-                pass_fds=(3,),
-                preexec_fn=as_fd3,
-            )
+        return spawn_activated(
+            listener, cfg, shm_dir / f"{name}.log", *args, settings=extra, env=env
+        )
 
     messages: list[tuple[int, str]] = []
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from khoclient import Client
 
-from .helpers import write_config
+from .helpers import spawn_activated, write_config
 
 ROOT = Path(__file__).resolve().parent.parent
 UNITS = ROOT / "systemd"
@@ -126,29 +126,13 @@ def test_khod_under_a_service_manager(shm_dir: Path) -> None:
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(listen_path)
     listener.listen(8)
-    fd = listener.fileno()
-
-    def as_fd3() -> None:
-        if fd != 3:
-            os.dup2(fd, 3)
-
     cfg = write_config(shm_dir)
     env = {**os.environ, "NOTIFY_SOCKET": notify_path, "WATCHDOG_USEC": "200000"}
     env.pop("KHOD_FAULT", None)
     log = shm_dir / "svc.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [
-                "sh",
-                "-c",
-                f'LISTEN_PID=$$ LISTEN_FDS=1 LISTEN_FDNAMES=control WATCHDOG_PID=$$ exec "{sys.executable}" -m khod -c {cfg}',
-            ],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=env,
-            pass_fds=(3,),
-            preexec_fn=as_fd3,
-        )
+    proc = spawn_activated(
+        listener, cfg, log, settings="LISTEN_FDNAMES=control WATCHDOG_PID=$$ ", env=env
+    )
     messages: list[str] = []
 
     def collect(seconds: float) -> None:
