@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from khoclient import Client, KhoError, NotifierEvent
+from khoclient import Client, KhoError, NotifierEvent, spin
 from khoclient.calls import Call
+from khoclient.spin import BusyPoll
 
 from khod.errors import Errno
 from khod.protocol import Decoder, encode
@@ -330,6 +331,143 @@ def test_a_reply_with_a_malformed_fd_count_carries_no_fds(shm_dir: Path) -> None
     with scripted(shm_dir, script) as path, Client(path) as c:
         assert [c.status()["nfds"] for _ in range(3)] == ["two", "-1", "2"]
         assert not c._core.fds
+
+
+def test_a_reply_longer_than_one_read_is_read_to_its_end(shm_dir: Path) -> None:
+    """The direct path's first read takes 64 KiB at most: the rest comes by the routed reads."""
+    big = "k" * (300 << 10)
+
+    def script(p: Peer) -> None:
+        r = p.read()
+        p.reply(r, blob=big)
+        r = p.read()
+        p.reply(r, n=2)
+
+    with scripted(shm_dir, script) as path, Client(path) as c:
+        assert c.status() == {"blob": big}
+        assert c.status() == {"n": 2}
+        assert not c._pending and not c._inbox
+
+
+def test_a_call_with_no_time_left_times_out_without_blocking(shm_dir: Path) -> None:
+    def script(p: Peer) -> None:
+        late = p.read()
+        nxt = p.read()
+        p.reply(late, late=True)  # dropped: its call is over
+        p.reply(nxt, ok=True)
+
+    with scripted(shm_dir, script) as path, Client(path) as c:
+        with pytest.raises(KhoError) as e:
+            c.call(Call("status", {}), timeout=0)
+        assert e.value.code is Errno.ETIMEDOUT
+        assert c.status() == {"ok": True}
+
+
+# ----------------------------------------------------------------------------- busy polling
+
+
+def test_busy_poll_backs_off_on_misses_and_a_hit_ends_it() -> None:
+    bp = BusyPoll(100)
+    assert bp.budget() == pytest.approx(100e-6)
+    bp.hit()
+    assert bp.budget() == pytest.approx(100e-6)
+    skipped = []
+    for _ in range(12):  # misses in a row: 2, 4, ... calls sleep at once, up to 1024
+        bp.miss()
+        n = 0
+        while bp.budget() == 0:
+            n += 1
+        skipped.append(n)
+    assert skipped == [2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 1024, 1024]
+    bp.hit()
+    bp.miss()
+    assert [bp.budget() for _ in range(3)] == [0, 0, pytest.approx(100e-6)]
+    assert BusyPoll(0).budget() == 0  # never spins
+
+
+def test_busy_poll_budget_comes_from_the_argument_or_the_environment(
+    shm_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv(spin.ENV, raising=False)
+    assert spin.default_us() == spin.DEFAULT_US
+    monkeypatch.setenv(spin.ENV, "0")
+    assert spin.default_us() == 0
+    for bad in ("fast", "-1", "1000001", "1.5"):
+        monkeypatch.setenv(spin.ENV, bad)
+        with pytest.raises(KhoError, match=spin.ENV) as e:
+            spin.default_us()
+        assert e.value.code is Errno.EINVAL
+        with pytest.raises(KhoError, match=spin.ENV):
+            Client(str(shm_dir / "nobody.sock"))  # refused before it connects
+    for bad_arg in (-5, 2_000_000, True, 1.5):
+        with pytest.raises(KhoError, match="busy_poll_us") as e:
+            BusyPoll(bad_arg)  # type: ignore[arg-type]
+        assert e.value.code is Errno.EINVAL
+
+
+class Observed(BusyPoll):
+    """A budget whose hits and misses the test can wait for."""
+
+    def __init__(self, limit_us: int) -> None:
+        super().__init__(limit_us)
+        self.missed, self.hits = threading.Event(), 0
+
+    def hit(self) -> None:
+        self.hits += 1
+        super().hit()
+
+    def miss(self) -> None:
+        super().miss()
+        self.missed.set()
+
+
+def test_a_reply_after_the_spin_is_read_asleep_and_the_next_calls_sleep_at_once(
+    shm_dir: Path,
+) -> None:
+    observed = Observed(2000)  # 2 ms of polling, then the call sleeps in recvmsg
+
+    def script(p: Peer) -> None:
+        r = p.read()
+        assert observed.missed.wait(WAIT)  # the client has stopped spinning
+        p.reply(r, n=1)
+        for n in (2, 3, 4):  # one miss: two calls sleep at once, the third spins again
+            r = p.read()
+            p.reply(r, n=n)
+
+    with scripted(shm_dir, script) as path, Client(path) as c:
+        c._spin = observed
+        assert c.status() == {"n": 1}
+        observed.missed.clear()
+        assert [c.status()["n"] for _ in range(2)] == [2, 3]
+        assert not observed.missed.is_set() and observed.hits == 0
+        assert c.status() == {"n": 4}
+        assert observed.hits == 1 or observed.missed.is_set()  # it spun (a slow peer: a miss)
+
+
+def test_a_reply_while_spinning_is_taken_without_sleeping(shm_dir: Path) -> None:
+    observed = Observed(spin.MAX_US)  # a second: long enough for any reply here
+
+    def script(p: Peer) -> None:
+        for n in range(5):
+            r = p.read()
+            p.reply(r, n=n)
+
+    with scripted(shm_dir, script) as path, Client(path) as c:
+        c._spin = observed
+        assert [c.status()["n"] for _ in range(5)] == list(range(5))
+        assert observed.hits == 5 and not observed.missed.is_set()
+
+
+def test_busy_poll_off_never_polls(shm_dir: Path) -> None:
+    def script(p: Peer) -> None:
+        r = p.read()
+        p.reply(r, ok=True)
+
+    with scripted(shm_dir, script) as path, Client(path, busy_poll_us=0) as c:
+        observed = Observed(0)
+        c._spin = observed
+        assert c.status() == {"ok": True}
+        assert observed.hits == 0 and not observed.missed.is_set()
 
 
 # ----------------------------------------------------------------------------- the real daemon
