@@ -10,11 +10,15 @@ In one run, on this machine:
   shortcuts khod's connections take (a read from the trio socket, a reply
   written straight into it), so that khod's own transport is no cheaper
   than the floor it is compared with. khoclient against the plain echo
-  server is measured too: what the client library itself adds;
+  server is measured too: what the client library itself adds. And the
+  spin floor: the raw client polling its socket for 100 µs before it sleeps,
+  as khoclient does by default (clients/khoclient/spin.py), so that the
+  figure khoclient gains from busy polling is also compared like for like;
 * khod, started as a real process on a sparse region file on tmpfs:
   - unbatched preserve_folio + unpreserve_folio round trips per second through
     khoclient, one client and 8 client processes (each call is one round
-    trip), and through the minimal client (what the daemon alone costs);
+    trip), the same with khoclient's busy polling off, and through the
+    minimal client (what the daemon alone costs);
   - one batched preserve_folios call of 1M order-0 folios (folios/s);
   - finalize with 64 GiB of order-0 folios (16M) preserved;
   - the successor's blackout: from spawning the new daemon process to its
@@ -54,7 +58,7 @@ from typing import Any
 import msgpack
 import numpy as np
 from harness import kill_all, rate, start_khod, wait_for_socket
-from khoclient import Client, KhoError
+from khoclient import Client, KhoError, spin
 from khoclient import calls as C
 from report import print_figures
 
@@ -72,13 +76,18 @@ def cpu_seconds(pid: int) -> float:
 
 
 class RawClient:
-    """The floor's client: a blocking socket, msgpack, one request in flight. Nothing else."""
+    """The floor's client: a blocking socket, msgpack, one request in flight. Nothing else.
 
-    def __init__(self, path: str) -> None:
+    With ``busy_poll_us`` it polls the socket that long before it sleeps, as
+    khoclient does by default (clients/khoclient/spin.py): the like-for-like floor.
+    """
+
+    def __init__(self, path: str, busy_poll_us: int = 0) -> None:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.connect(path)
         self.unpacker = msgpack.Unpacker(raw=False)
         self.ids = itertools.count(1)
+        self.spin = busy_poll_us / 1e6
 
     def call(self, op: str, **args: Any) -> Any:
         req = next(self.ids)
@@ -88,10 +97,21 @@ class RawClient:
                 if msg.get("id") != req or "result" not in msg:
                     raise RuntimeError(f"{op}: unexpected reply {msg!r:.200}")
                 return msg["result"]
-            data = self.sock.recv(1 << 16)
+            data = self._spin() if self.spin else None
+            if data is None:
+                data = self.sock.recv(1 << 16)
             if not data:
                 raise RuntimeError(f"{op}: connection closed")
             self.unpacker.feed(data)
+
+    def _spin(self) -> bytes | None:
+        end = time.perf_counter() + self.spin
+        while True:
+            try:
+                return self.sock.recv(1 << 16, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                if time.perf_counter() >= end:
+                    return None
 
     def close(self) -> None:
         self.sock.close()
@@ -114,14 +134,15 @@ def flipper(preserve: Callable[[], object], unpreserve: Callable[[], object]) ->
 def one_client(path: str, seconds: float, kind: str, name: str) -> float:
     """Round trips per second of one client of ``kind``.
 
-    ``floor``: the raw client pings the echo server; ``client-echo``: khoclient
-    does; ``khod``: khoclient preserves and unpreserves; ``khod-raw``: the raw
-    client does.
+    ``floor``: the raw client pings the echo server; ``spin-floor``: the raw
+    client busy-polling as khoclient does, pings it; ``client-echo``: khoclient
+    does; ``khod``: khoclient preserves and unpreserves; ``khod-no-poll``:
+    khoclient with busy polling off does; ``khod-raw``: the raw client does.
     """
-    if kind in ("floor", "khod-raw"):
-        raw = RawClient(path)
+    if kind in ("floor", "spin-floor", "khod-raw"):
+        raw = RawClient(path, spin.DEFAULT_US if kind == "spin-floor" else 0)
         try:
-            if kind == "floor":
+            if kind in ("floor", "spin-floor"):
                 return rate(lambda: raw.call("ping"), seconds)
             raw.call("hello", name=name)
             phys = raw.call("alloc_folio", order=0)["phys"]
@@ -134,7 +155,8 @@ def one_client(path: str, seconds: float, kind: str, name: str) -> float:
             )
         finally:
             raw.close()
-    with Client(path, session=name if kind == "khod" else None) as c:
+    poll = 0 if kind == "khod-no-poll" else None
+    with Client(path, session=None if kind == "client-echo" else name, busy_poll_us=poll) as c:
         if kind == "client-echo":
             ping = C.ping()
             return rate(lambda: c.call(ping), seconds)
@@ -178,9 +200,11 @@ def round_trips(servers: dict[str, tuple[str, int]], seconds: float, rounds: int
     """
     runs_of = {  # label: (client kind, server)
         "floor": ("floor", "echo"),
+        "spin_floor": ("spin-floor", "echo"),
         "lean_floor": ("floor", "lean-echo"),
         "khoclient_echo": ("client-echo", "echo"),
         "preserve": ("khod", "khod"),
+        "preserve_no_busy_poll": ("khod-no-poll", "khod"),
         "preserve_raw_client": ("khod-raw", "khod"),
     }
     runs: dict[str, list[float]] = {}
@@ -204,6 +228,8 @@ def round_trips(servers: dict[str, tuple[str, int]], seconds: float, rounds: int
         fig[f"{label}_rtt_per_s_8clients"] = round(statistics.median(runs[f"{label}_8"]))
     for num, den in [
         ("preserve", "floor"),
+        ("preserve", "spin_floor"),
+        ("preserve_no_busy_poll", "floor"),
         ("preserve", "lean_floor"),
         ("khoclient_echo", "floor"),
         ("preserve", "khoclient_echo"),
