@@ -283,7 +283,8 @@ def preload(cfg: Config) -> None:
         importlib.import_module(name)
     if cfg.metrics.listen:
         importlib.import_module("khod.metrics")
-        importlib.import_module("khod.metrics_http")  # else loaded with the first scrape
+        importlib.import_module("khod.metrics_export")  # these two: else with the first scrape
+        importlib.import_module("khod.metrics_http")
         importlib.import_module("encodings.idna")  # getaddrinfo encodes the metrics host with it
 
 

@@ -10,18 +10,23 @@ import shutil
 import socket
 import struct
 import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
 from typing import Any
 
+import prometheus_client
 import pytest
 import trio
+from hypothesis import given
+from hypothesis import strategies as st
 from khoclient import AsyncClient, KhoError, Veto
 from prometheus_client.parser import text_string_to_metric_families
 
 from khod.kho.record import decode_record
 from khod.metrics_http import request_path
+from khod.metrics_model import REQUEST_BUCKETS, Histogram
 
 from .helpers import InProc, daemon_running, inproc_daemon, start_daemon, write_config
 
@@ -89,6 +94,59 @@ def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 
 def value(text: str, name: str, **labels: str) -> float:
     return samples(text)[(name, tuple(sorted(labels.items())))]
+
+
+@given(
+    st.lists(
+        st.one_of(
+            st.sampled_from(REQUEST_BUCKETS),  # on a bound: counted in that bound's bucket
+            st.floats(min_value=0, max_value=10, allow_nan=False),
+        ),
+        max_size=50,
+    )
+)
+def test_a_histogram_counts_as_prometheus_client_counts(values: list[float]) -> None:
+    ours = Histogram(REQUEST_BUCKETS)
+    registry = prometheus_client.CollectorRegistry()
+    theirs = prometheus_client.Histogram("h", "h", buckets=REQUEST_BUCKETS, registry=registry)
+    for v in values:
+        ours.observe(v)
+        theirs.observe(v)
+    total, cumulative = 0, []
+    for n in ours.counts:
+        total += n
+        cumulative.append(float(total))
+    expected = [
+        registry.get_sample_value("h_bucket", {"le": str(float(b))}) for b in REQUEST_BUCKETS
+    ]
+    assert cumulative == [*expected, registry.get_sample_value("h_count")]
+    assert ours.sum == pytest.approx(registry.get_sample_value("h_sum"))
+
+
+def test_prometheus_client_loads_with_the_first_scrape_not_at_start(shm_dir: Path) -> None:
+    """Counting needs none of it: a cold start with metrics on does not pay for its imports."""
+    code = f"""
+import sys, trio
+from tests.helpers import inproc_daemon
+from khoclient import AsyncClient
+
+async def main():
+    async with inproc_daemon(__import__("pathlib").Path("{shm_dir}"), with_metrics=True) as d:
+        async with AsyncClient(d.socket, "s") as s:
+            await s.preserve_folio(await s.alloc_folio(0))
+        print("prometheus_client" in sys.modules)
+        body, _ = d.metrics.exposition()
+        print("prometheus_client" in sys.modules)
+        print(b'khod_requests_total{{code="OK",op="preserve_folio"}} 1.0' in body)
+
+trio.run(main)
+"""
+    root = Path(__file__).resolve().parent.parent
+    r = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=root
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["False", "True", "True"]
 
 
 async def test_metrics_follow_the_daemon(shm_dir: Path) -> None:

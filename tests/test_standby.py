@@ -414,7 +414,7 @@ def test_a_cold_start_imports_only_what_start_up_and_serving_need(shm_dir: Path)
     code = f"""
 import sys
 import khod.main
-lazy = ("prometheus_client", "khod.metrics", "khod.metrics_http", "h11", "gzip", "fdt", "tomllib", "http.server", "json")
+lazy = ("prometheus_client", "khod.metrics", "khod.metrics_export", "khod.metrics_http", "h11", "gzip", "fdt", "tomllib", "http.server", "json")
 print(sorted(m for m in lazy if m in sys.modules))
 khod.main.preload(khod.main.effective_config(khod.main.parse_args(["-c", "{cfg}"])))
 print(sorted(m for m in (*lazy, "encodings.idna") if m not in sys.modules))
