@@ -303,7 +303,9 @@ def shared_daemon() -> Iterator[Daemon]:
         shutil.rmtree(d, ignore_errors=True)
 
 
-@pytest.mark.parametrize("case", ["api", "wrong-session", "frozen", "veto", "oversized"])
+@pytest.mark.parametrize(
+    "case", ["api", "wrong-session", "frozen", "veto", "oversized", "busy-poll"]
+)
 def test_c_client_calls_and_errors(cbuild: Build, shared_daemon: Daemon, case: str) -> None:
     done = cbuild.run("khod-c-check", shared_daemon.socket, case, check=False)
     assert done.returncode == 0, done.stdout + done.stderr

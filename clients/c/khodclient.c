@@ -28,6 +28,9 @@
 #define EVENT_QUEUE 64  /* notifier events not yet dispatched; more are dropped */
 #define DEFAULT_TIMEOUT_MS 60000
 #define DEFAULT_MAX_REQUEST ((size_t)16 << 20)
+#define DEFAULT_BUSY_POLL_US 100 /* as khoclient: clients/khoclient/spin.py says why */
+#define MAX_BUSY_POLL_US 1000000
+#define MAX_BACKOFF 10           /* misses in a row that count: 2**10 calls sleep at once */
 
 typedef struct {
     char name[16];
@@ -37,6 +40,9 @@ typedef struct {
 struct khod_client {
     int sock;
     int timeout_ms;
+    int busy_poll_us;       /* a call polls this long for its reply before it sleeps */
+    unsigned spin_misses;   /* busy polls in a row that ran out */
+    unsigned spin_skip;     /* calls left that sleep at once (the backoff) */
     size_t max_request;
     uint64_t next_id;
     bool broken;            /* the connection is unusable; broken_why says why */
@@ -131,17 +137,37 @@ static int pack_write(void *data, const char *buf, size_t len)
     return 0;
 }
 
+/* $KHOCLIENT_BUSY_POLL_US (the same knob as the Python client's), else the default; -1: bad. */
+static int busy_poll_from_env(void)
+{
+    const char *v = getenv("KHOCLIENT_BUSY_POLL_US");
+    if (!v || !*v)
+        return DEFAULT_BUSY_POLL_US;
+    char *end;
+    errno = 0;
+    long us = strtol(v, &end, 10);
+    if (errno || *end || end == v || us < 0 || us > MAX_BUSY_POLL_US)
+        return -1;
+    return (int)us;
+}
+
 int khod_from_fd(int fd, khod_client **out)
 {
     *out = NULL;
     if (fd < 0)
         return -EBADF;
+    int busy_poll_us = busy_poll_from_env();
+    if (busy_poll_us < 0) {
+        close(fd);
+        return -EINVAL;
+    }
     khod_client *c = calloc(1, sizeof *c);
     if (!c) {
         close(fd);
         return -ENOMEM;
     }
     c->sock = fd;
+    c->busy_poll_us = busy_poll_us;
     c->timeout_ms = DEFAULT_TIMEOUT_MS;
     c->max_request = DEFAULT_MAX_REQUEST;
     c->next_id = 1;
@@ -193,6 +219,15 @@ void khod_close(khod_client *c)
 
 int khod_fd(const khod_client *c) { return c->sock; }
 void khod_set_timeout(khod_client *c, int timeout_ms) { c->timeout_ms = timeout_ms; }
+
+int khod_set_busy_poll(khod_client *c, int us)
+{
+    if (us < 0 || us > MAX_BUSY_POLL_US)
+        return fail(c, EINVAL, "busy poll of %d us: must be 0 (never) to %d", us, MAX_BUSY_POLL_US);
+    c->busy_poll_us = us;
+    c->spin_misses = c->spin_skip = 0;
+    return 0;
+}
 void khod_set_max_request(khod_client *c, size_t bytes) { c->max_request = bytes; }
 
 bool khod_handed_over(const khod_client *c, uint64_t *generation)
@@ -310,14 +345,50 @@ static void keep_fd(khod_client *c, int fd)
         close(fd); /* nobody asked for this many */
 }
 
-/* One recvmsg into the buffer, waiting up to wait_ms. 1: got bytes, 0: timed out, <0: error. */
-static int receive(khod_client *c, int wait_ms)
+static long long now_ns(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return t.tv_sec * 1000000000LL + t.tv_nsec;
+}
+
+/* Poll without sleeping for up to the call's busy-poll budget: 1 when there is
+ * something to read, 0 when the budget ran out (or the backoff skips this call).
+ * A reply that finds the caller awake costs the daemon no wake-up, and a
+ * caller that is quick to send the next request finds the daemon awake. */
+static int spin(khod_client *c)
+{
+    if (c->busy_poll_us <= 0)
+        return 0;
+    if (c->spin_skip) {
+        c->spin_skip--;
+        return 0;
+    }
+    struct pollfd p = {.fd = c->sock, .events = POLLIN};
+    long long end = now_ns() + c->busy_poll_us * 1000LL;
+    do {
+        if (poll(&p, 1, 0) > 0) {
+            c->spin_misses = 0;
+            return 1;
+        }
+    } while (now_ns() < end);
+    if (c->spin_misses < MAX_BACKOFF)
+        c->spin_misses++;
+    c->spin_skip = 1u << c->spin_misses;
+    return 0;
+}
+
+/* One recvmsg into the buffer, waiting up to wait_ms (after a busy poll, when
+ * `first` read of a call). 1: got bytes, 0: timed out, <0: error. */
+static int receive(khod_client *c, int wait_ms, bool first)
 {
     struct pollfd p = {.fd = c->sock, .events = POLLIN};
-    int r;
-    do
-        r = poll(&p, 1, wait_ms);
-    while (r < 0 && errno == EINTR);
+    int r = first && spin(c) ? 1 : 0;
+    if (!r) {
+        do
+            r = poll(&p, 1, wait_ms);
+        while (r < 0 && errno == EINTR);
+    }
     if (r < 0)
         return breakdown(c, "poll on the socket failed");
     if (r == 0)
@@ -541,6 +612,7 @@ static int roundtrip(khod_client *c, const char *op, uint64_t id, reply *r)
         return s;
     struct timespec start;
     clock_gettime(CLOCK_MONOTONIC, &start);
+    bool first = true;
     for (;;) {
         bool progress = false;
         s = next_message(c, id, &progress, r);
@@ -553,7 +625,8 @@ static int roundtrip(khod_client *c, const char *op, uint64_t id, reply *r)
         int left = remaining_ms(c, &start);
         if (left == 0)
             return fail(c, ETIMEDOUT, "no reply to %s within %d ms", op, c->timeout_ms);
-        s = receive(c, left);
+        s = receive(c, left, first);
+        first = false;
         if (s < 0)
             return s;
     }
@@ -1238,12 +1311,12 @@ int khod_dispatch(khod_client *c, int timeout_ms)
     if (s < 0)
         return s;
     if (c->ev_count == 0) {
-        s = receive(c, timeout_ms);
+        s = receive(c, timeout_ms, false);
         if (s < 0)
             return s;
         if (s > 0) {
             /* take whatever else is already there without waiting */
-            while ((s = drain(c)) == 0 && (s = receive(c, 0)) > 0)
+            while ((s = drain(c)) == 0 && (s = receive(c, 0, false)) > 0)
                 ;
         }
     }

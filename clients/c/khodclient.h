@@ -146,6 +146,14 @@ void khod_close(khod_client *c);
 int khod_fd(const khod_client *c);
 /* Per-call timeout in milliseconds; negative: wait for ever. Default 60000. */
 void khod_set_timeout(khod_client *c, int timeout_ms);
+/* How long a call polls the socket for its reply before it sleeps, in
+ * microseconds (0: never). On a VM a sleeping caller or daemon costs tens of
+ * microseconds to wake, more than a small request. Adaptive: each time the
+ * budget runs out, twice as many calls (up to 1024) sleep at once; a reply
+ * within the budget ends that. Default: $KHOCLIENT_BUSY_POLL_US (which
+ * khod_connect/khod_from_fd refuse with -EINVAL unless 0..1000000), else 100.
+ * -EINVAL for a value outside 0..1000000. */
+int khod_set_busy_poll(khod_client *c, int us);
 /* Largest request the client sends (default 16 MiB, the daemon's default
  * limits.max_frame); a larger request fails -EINVAL before anything is sent. */
 void khod_set_max_request(khod_client *c, size_t bytes);

@@ -364,6 +364,39 @@ static void case_oversized(const char *sock)
     khod_close(d);
 }
 
+/* Busy polling: bad budgets refused (argument and environment), every budget serves calls. */
+static void case_busy_poll(const char *sock)
+{
+    khod_client *c = open_client(sock, "spin");
+    ERR(c, EINVAL, "busy poll", khod_set_busy_poll(c, -1));
+    ERR(c, EINVAL, "busy poll", khod_set_busy_poll(c, 1000001));
+    int budgets[] = {0, 1, 100, 1000000};
+    for (size_t i = 0; i < sizeof budgets / sizeof budgets[0]; i++) {
+        OK(c, khod_set_busy_poll(c, budgets[i]));
+        khod_folio f;
+        OK(c, khod_alloc_folio(c, 0, &f));
+        for (int k = 0; k < 50; k++) { /* the budget's hits and misses, and the backoff */
+            OK(c, khod_preserve_folio(c, f.phys, -1, NULL));
+            OK(c, khod_unpreserve_folio(c, f.phys, -1, NULL));
+        }
+        OK(c, khod_free_folio(c, f.phys));
+    }
+    khod_close(c);
+    const char *bad[] = {"fast", "-1", "1000001", "1.5", "12x"};
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        setenv("KHOCLIENT_BUSY_POLL_US", bad[i], 1);
+        khod_client *d = NULL;
+        int s = khod_connect(sock, &d);
+        CHECK(s == -EINVAL && d == NULL, "KHOCLIENT_BUSY_POLL_US=%s: connect -> %d", bad[i], s);
+        khod_close(d);
+    }
+    setenv("KHOCLIENT_BUSY_POLL_US", "0", 1);
+    khod_client *e = open_client(sock, NULL);
+    OK(e, khod_ping(e));
+    khod_close(e);
+    unsetenv("KHOCLIENT_BUSY_POLL_US");
+}
+
 typedef struct {
     khod_client *sub;
 } gone_state;
@@ -524,6 +557,8 @@ int main(int argc, char **argv)
         case_eperm(sock, strtoull(argv[3], NULL, 0), (uid_t)atoi(argv[4]));
     else if (!strcmp(name, "oversized"))
         case_oversized(sock);
+    else if (!strcmp(name, "busy-poll"))
+        case_busy_poll(sock);
     else if (!strcmp(name, "handover-prep"))
         case_handover_prep(sock);
     else if (!strcmp(name, "handover-check"))
