@@ -72,7 +72,7 @@ def record_rejection(state_dir: str, error: StartupRefused, log: Log) -> None:
 
 
 class Metrics(Model):
-    """The daemon's registry and the calls the server and the lifecycle make into it."""
+    """What the daemon records (:class:`Model`) and the endpoint that serves it."""
 
     def __init__(
         self,
