@@ -42,6 +42,7 @@ from khod.kho.handover import (
     SessionKey,
     commit,
     no_hook,
+    session_node,
     session_node_bytes,
 )
 from khod.kho.memory import ScratchRange
@@ -662,7 +663,7 @@ class Engine:
             raise enoent(f"no incoming session {name!r}")
         self._take_over()
         released = 0
-        dropped: list[str] = []
+        dropped: list[SessionKey] = []
         for k in keys:
             inc = self.incoming[k]
             runs: list[tuple[int, int]] = []
@@ -679,11 +680,13 @@ class Engine:
             if not inc.claimed:
                 del self.incoming[k]
                 self.memory.drop(k)
-                dropped.append(inc.name)
+                dropped.append(k)
             else:
                 inc.subtree = Node()
                 self.tree_budget(k[0]).charge(*_subtree_cost(k, inc.subtree), force=True)
-        return ReleaseResult(released, tuple(dropped))
+        return ReleaseResult(
+            released, tuple(k[1] for k in dropped), tuple(session_node(k) for k in dropped)
+        )
 
     def drop_session(self, uid: int, name: str) -> DropResult:
         """Discard session ``(uid, name)`` for good: its live part, what was handed over

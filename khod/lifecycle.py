@@ -400,7 +400,7 @@ class Lifecycle:
             "incoming.released",
             session=name or "*",
             bytes=out.released_bytes,
-            dropped=",".join(out.dropped_sessions) or None,
+            dropped=" ".join(out.dropped) or None,
         )
         return out
 

@@ -66,7 +66,8 @@ class UnfreezeResult:
 @dataclass(frozen=True)
 class ReleaseResult:
     released_bytes: int
-    dropped_sessions: tuple[str, ...]
+    dropped_sessions: tuple[str, ...]  # names alone, as before (ambiguous across uids)
+    dropped: tuple[str, ...]  # the same sessions as u<uid>,<name>, as everywhere else
 
 
 @dataclass(frozen=True)

@@ -125,8 +125,12 @@ def test_status_sessions_finalize_handover(shm_dir: Path) -> None:
     assert gone.returncode == ctl.Exit.UNREACHABLE
     assert "unreachable" in gone.stderr
     with daemon_running(shm_dir) as d2:
+        text = khoctl("release-unclaimed", "--session", "db", socket=d2.socket).stdout
+        assert f"dropped sessions: u{os.getuid()},db\n" in text  # by uid and name
         r = khoctl("--json", "release-unclaimed", socket=d2.socket)
-        assert json.loads(r.stdout)["released_bytes"] == (4 << 20) + 3 * 4096
+        released = json.loads(r.stdout)
+        assert released["dropped"] == [f"u{os.getuid()},vmm"]
+        assert released["released_bytes"] == 4 << 20  # vmm's two 2 MiB folios; db's went first
         with open(shm_dir / "in.dtb", "wb"):
             pass
         assert khoctl("fdt", "in", "-o", str(shm_dir / "in.dtb"), socket=d2.socket).returncode == 0

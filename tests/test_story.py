@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -128,11 +129,16 @@ def test_two_handovers_with_carried_forward_memory(shm_dir: Path) -> None:
 
 
 def test_unclaimed_session_is_carried_then_released(shm_dir: Path) -> None:
+    me, other = os.getuid(), 65534
     with daemon_running(shm_dir) as d1:
         with d1.client("cache", persistent=True) as c:
             f = c.alloc_folio(4)
             c.preserve_folio(f)
             c.add_node("/meta")
+        if me == 0:  # root makes the same name under another uid: names alone are ambiguous
+            with d1.client() as theirs:
+                theirs.hello("cache", True, other)
+                theirs.preserve_folio(theirs.alloc_folio(0))
         with d1.client() as op:
             op.finalize()
             op.handover()
@@ -140,10 +146,16 @@ def test_unclaimed_session_is_carried_then_released(shm_dir: Path) -> None:
     with daemon_running(shm_dir) as d2:
         with d2.client() as op:
             # nobody reattaches 'cache': the next handover still carries it
-            assert op.finalize()["bytes"] == {"4": 16 * PAGE}
+            theirs_bytes = {"0": PAGE} if me == 0 else {}
+            assert op.finalize()["bytes"] == {"4": 16 * PAGE, **theirs_bytes}
             op.unfreeze()
             out = op.release_unclaimed()
-            assert out == {"released_bytes": 16 * PAGE, "dropped_sessions": ["cache"]}
+            both = [(me, "cache")] + ([(other, "cache")] if me == 0 else [])
+            assert out == {
+                "released_bytes": 16 * PAGE + (PAGE if me == 0 else 0),
+                "dropped_sessions": [name for _, name in both],
+                "dropped": [f"u{uid},{name}" for uid, name in both],  # by uid, then name
+            }
             assert op.status()["incoming"]["sessions"] == []
             assert op.finalize()["bytes"] == {}
             op.unfreeze()

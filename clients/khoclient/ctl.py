@@ -270,7 +270,8 @@ def cmd_release(args: argparse.Namespace, out: TextIO) -> int:
     if args.json:
         emit_json(r, out)
     else:
-        dropped = ", ".join(r["dropped_sessions"]) or "none"
+        # u<uid>,<name> (a daemon older than that field: the names alone)
+        dropped = ", ".join(r.get("dropped", r["dropped_sessions"])) or "none"
         out.write(
             f"released {human(r['released_bytes'])} of unclaimed incoming memory; dropped sessions: {dropped}\n"
         )
