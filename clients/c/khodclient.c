@@ -1190,15 +1190,17 @@ int khod_remove_node(khod_client *c, const char *path)
 }
 
 /* A result `value` (bin) into a malloc'd copy. */
-static int bin_value(khod_client *c, const char *op, uint64_t id, void **value, size_t *len)
+/* A call whose result holds one bin under `key`: a malloc'd copy into *value. */
+static int bin_value(khod_client *c, const char *op, uint64_t id, const char *key, void **value,
+                     size_t *len)
 {
     reply r;
     int s = roundtrip(c, op, id, &r);
     if (s < 0)
         return s;
-    const msgpack_object *v = get(r.result, "value");
+    const msgpack_object *v = get(r.result, key);
     if (!v || v->type != MSGPACK_OBJECT_BIN)
-        return malformed(c, &r, op, "value");
+        return malformed(c, &r, op, key);
     size_t n = v->via.bin.size;
     if (value) {
         void *copy = malloc(n ? n : 1);
@@ -1228,7 +1230,7 @@ int khod_remove_prop(khod_client *c, const char *path, const char *name, void **
     pk_str(c, path);
     pk_str(c, "name");
     pk_str(c, name);
-    return bin_value(c, "remove_prop", id, value, len);
+    return bin_value(c, "remove_prop", id, "value", value, len);
 }
 
 int khod_get_prop(khod_client *c, const char *path, const char *name, const char *tree,
@@ -1245,7 +1247,74 @@ int khod_get_prop(khod_client *c, const char *path, const char *name, const char
     pk_str(c, name);
     pk_str(c, "tree");
     pk_str(c, tree ? tree : "in");
-    return bin_value(c, "get_prop", id, value, len);
+    return bin_value(c, "get_prop", id, "value", value, len);
+}
+
+/* An array of str: whether it is one, and the bytes its names take with their NULs. */
+static bool str_array(const msgpack_object *o, size_t *bytes)
+{
+    if (!o || o->type != MSGPACK_OBJECT_ARRAY)
+        return false;
+    for (uint32_t i = 0; i < o->via.array.size; i++) {
+        const msgpack_object *e = &o->via.array.ptr[i];
+        if (e->type != MSGPACK_OBJECT_STR || memchr(e->via.str.ptr, 0, e->via.str.size))
+            return false;
+        *bytes += e->via.str.size + 1;
+    }
+    return true;
+}
+
+/* Copy the names of a checked str array: pointers into `names`, bytes from *text on. */
+static void copy_names(const msgpack_object *o, char **names, char **text)
+{
+    for (uint32_t i = 0; i < o->via.array.size; i++) {
+        const msgpack_object *e = &o->via.array.ptr[i];
+        memcpy(*text, e->via.str.ptr, e->via.str.size);
+        (*text)[e->via.str.size] = 0;
+        names[i] = *text;
+        *text += e->via.str.size + 1;
+    }
+}
+
+int khod_get_node(khod_client *c, const char *path, const char *tree, khod_node **node)
+{
+    int s;
+    if (!node)
+        return fail(c, EINVAL, "node must not be NULL");
+    *node = NULL;
+    if ((s = check_name(c, "path", path, 1024)) < 0)
+        return s;
+    uint64_t id = begin(c, "get_node", 2);
+    pk_str(c, "path");
+    pk_str(c, path);
+    pk_str(c, "tree");
+    pk_str(c, tree ? tree : "in");
+    reply r;
+    if ((s = roundtrip(c, "get_node", id, &r)) < 0)
+        return s;
+    const msgpack_object *props = get(r.result, "props"), *children = get(r.result, "children");
+    size_t text = 0;
+    if (!str_array(props, &text))
+        return malformed(c, &r, "get_node", "props");
+    if (!str_array(children, &text))
+        return malformed(c, &r, "get_node", "children");
+    size_t np = props->via.array.size, nc = children->via.array.size;
+    /* sizes come from a frame the decoder bounded (frame.c), so this cannot overflow */
+    khod_node *n = malloc(sizeof *n + (np + nc) * sizeof(char *) + text);
+    if (!n) {
+        reply_done(c, &r);
+        return fail(c, ENOMEM, "get_node: no memory for %zu names", np + nc);
+    }
+    n->nprops = np;
+    n->nchildren = nc;
+    n->props = (char **)(n + 1);
+    n->children = n->props + np;
+    char *at = (char *)(n->children + nc);
+    copy_names(props, n->props, &at);
+    copy_names(children, n->children, &at);
+    reply_done(c, &r);
+    *node = n;
+    return 0;
 }
 
 /* ------------------------------------------------------------------ events */
@@ -1382,4 +1451,69 @@ int khod_unfreeze(khod_client *c) { return simple(c, "unfreeze", begin(c, "unfre
 int khod_handover(khod_client *c, uint64_t *generation)
 {
     return one_u64(c, "handover", begin(c, "handover", 0), "generation", generation);
+}
+
+int khod_fdt(khod_client *c, const char *which, void **dtb, size_t *len)
+{
+    int s = check_name(c, "which", which, 3);
+    if (s < 0)
+        return s;
+    uint64_t id = begin(c, "fdt", 1);
+    pk_str(c, "which");
+    pk_str(c, which);
+    return bin_value(c, "fdt", id, "fdt", dtb, len);
+}
+
+static int check_uid(khod_client *c, int64_t uid)
+{
+    if (uid > (int64_t)UINT32_MAX)
+        return fail(c, EINVAL, "uid %lld is not in 0..2^32-1", (long long)uid);
+    return 0;
+}
+
+int khod_release_unclaimed(khod_client *c, const char *session, int64_t uid,
+                           uint64_t *released_bytes)
+{
+    int s;
+    if ((session && (s = check_name(c, "session name", session, 64)) < 0) ||
+        (s = check_uid(c, uid)) < 0)
+        return s;
+    uint64_t id = begin(c, "release_unclaimed", (session != NULL) + (uid >= 0));
+    if (session) {
+        pk_str(c, "session");
+        pk_str(c, session);
+    }
+    if (uid >= 0) {
+        pk_str(c, "uid");
+        msgpack_pack_uint64(&c->pk, (uint64_t)uid);
+    }
+    return one_u64(c, "release_unclaimed", id, "released_bytes", released_bytes);
+}
+
+int khod_drop_session(khod_client *c, const char *name, int64_t uid, khod_drop_info *info)
+{
+    int s;
+    if ((s = check_name(c, "session name", name, 64)) < 0 || (s = check_uid(c, uid)) < 0)
+        return s;
+    uint64_t id = begin(c, "drop_session", 1 + (uid >= 0));
+    pk_str(c, "session");
+    pk_str(c, name);
+    if (uid >= 0) {
+        pk_str(c, "uid");
+        msgpack_pack_uint64(&c->pk, (uint64_t)uid);
+    }
+    reply r;
+    if ((s = roundtrip(c, "drop_session", id, &r)) < 0)
+        return s;
+    khod_drop_info d;
+    if (!as_u64(get(r.result, "freed_bytes"), &d.freed_bytes))
+        return malformed(c, &r, "drop_session", "freed_bytes");
+    if (!as_u64(get(r.result, "released_bytes"), &d.released_bytes))
+        return malformed(c, &r, "drop_session", "released_bytes");
+    if (!as_u64(get(r.result, "connections_closed"), &d.connections_closed))
+        return malformed(c, &r, "drop_session", "connections_closed");
+    reply_done(c, &r);
+    if (info)
+        *info = d;
+    return 0;
 }

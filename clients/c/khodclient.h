@@ -38,6 +38,8 @@
  * blocking and owned by the client; do not read or write it. Events that
  * arrive meanwhile are queued, not run (see khod_dispatch). `finalize` and
  * `unfreeze` wait for the notifier round (up to server.notifier_timeout_s).
+ * Before it sleeps, a call polls the socket for its reply for up to 100 µs
+ * (adaptive; khod_set_busy_poll, $KHOCLIENT_BUSY_POLL_US).
  *
  * LIMITS. The client decodes a message only once all of it has arrived and
  * refuses (-EPROTO, connection closed) one of more than 256 MiB, an array of
@@ -58,8 +60,9 @@
  * valid after khod_close() (munmap them yourself). Any other fd the daemon
  * sends is closed. All fds the library creates are close-on-exec.
  *
- * MEMORY. Results that are arrays (khod_folio lists, property values) are
- * allocated with malloc() and owned by the caller (free() them). Nothing
+ * MEMORY. Results that are arrays (khod_folio lists, property values, FDT
+ * blobs, a khod_node with its names) are allocated with malloc() and owned
+ * by the caller (free() them, a khod_node in one free()). Nothing
  * else needs freeing but the client itself.
  *
  * SIGNALS. Sends use MSG_NOSIGNAL: a closed socket gives -EPROTO, never
@@ -118,6 +121,19 @@ typedef struct {
     uint64_t region_free, region_allocated, region_preserved;
     size_t sessions;     /* sessions this caller may see */
 } khod_status_info;
+
+/* A node of the KHO tree (khod_get_node): one malloc'd block, free() it whole. */
+typedef struct {
+    size_t nprops, nchildren;
+    char **props;        /* nprops property names, sorted */
+    char **children;     /* nchildren child node names, sorted */
+} khod_node;
+
+typedef struct {
+    uint64_t freed_bytes;        /* allocated or restored memory given back */
+    uint64_t released_bytes;     /* handed-over memory never restored, given back */
+    uint64_t connections_closed; /* connections that spoke for it, cut off */
+} khod_drop_info;
 
 typedef struct {
     const char *name;    /* "finalize" or "unfreeze" */
@@ -231,6 +247,9 @@ int khod_remove_prop(khod_client *c, const char *path, const char *name, void **
 /* tree: "in" (the incoming tree, also for NULL) or "out". *value is malloc'd. */
 int khod_get_prop(khod_client *c, const char *path, const char *name, const char *tree,
                   void **value, size_t *len);
+/* The property and child names of the node at `path`; tree as khod_get_prop.
+ * *node is one malloc'd block: free(*node). */
+int khod_get_node(khod_client *c, const char *path, const char *tree, khod_node **node);
 
 /* ------------------------------------------------------------------ events */
 
@@ -261,6 +280,16 @@ int khod_status(khod_client *c, khod_status_info *info);
 int khod_finalize(khod_client *c, uint64_t *generation);
 int khod_unfreeze(khod_client *c);
 int khod_handover(khod_client *c, uint64_t *generation);
+/* An FDT blob: which = "out" (the committed handover's) or "in" (the one this daemon
+ * took in). *dtb is malloc'd; -ENOENT when there is none. */
+int khod_fdt(khod_client *c, const char *which, void **dtb, size_t *len);
+/* Give back incoming memory nobody restored: of sessions called `session` (NULL: any
+ * name) of `uid` (negative: any uid). *released_bytes may be NULL. */
+int khod_release_unclaimed(khod_client *c, const char *session, int64_t uid,
+                           uint64_t *released_bytes);
+/* Discard session `name` of `uid` (negative: the caller's) for good, live and handed
+ * over (only while active). *info may be NULL. */
+int khod_drop_session(khod_client *c, const char *name, int64_t uid, khod_drop_info *info);
 
 #ifdef __cplusplus
 }

@@ -150,6 +150,21 @@ static void case_api(const char *sock)
     CHECK(!yes, "add_prop same bytes is a no-op");
     ERR(c, EEXIST, "", khod_add_prop(c, "/a", "v", "x", 1, NULL));
     OK(c, khod_add_string_prop(c, "/a", "s", "hello", NULL));
+    OK(c, khod_add_node(c, "/a/kid", NULL));
+    khod_node *node = NULL;
+    OK(c, khod_get_node(c, "/a", "out", &node));
+    CHECK(node && node->nprops == 2 && !strcmp(node->props[0], "s") &&
+              !strcmp(node->props[1], "v") && node->nchildren == 1 &&
+              !strcmp(node->children[0], "kid"),
+          "get_node /a: %zu props, %zu children", node ? node->nprops : 0,
+          node ? node->nchildren : 0);
+    free(node);
+    node = (khod_node *)1;
+    ERR(c, ENOENT, "", khod_get_node(c, "/nope", "out", &node));
+    CHECK(node == NULL, "a failed get_node gives NULL");
+    ERR(c, ENOENT, "", khod_get_node(c, "/a", NULL, &node)); /* nothing incoming */
+    ERR(c, EINVAL, "", khod_get_node(c, "/a", "sideways", &node));
+    OK(c, khod_remove_node(c, "/a/kid"));
     void *got = NULL;
     size_t len = 0;
     OK(c, khod_get_prop(c, "/a", "s", "out", &got, &len));
@@ -177,6 +192,31 @@ static void case_api(const char *sock)
     munmap(m, KHOD_FOLIO_SIZE(2));
     OK(c, khod_subscribe(c, NULL, NULL, NULL));
     CHECK(khod_dispatch(c, 0) == 0, "nothing to dispatch");
+
+    /* operator calls (this test runs as root) */
+    void *dtb = (void *)1;
+    ERR(c, ENOENT, "", khod_fdt(c, "out", &dtb, &len)); /* not finalized */
+    ERR(c, ENOENT, "", khod_fdt(c, "in", &dtb, &len));  /* not started from a handover */
+    ERR(c, EINVAL, "", khod_fdt(c, "up", &dtb, &len));
+    uint64_t released = 99;
+    OK(c, khod_release_unclaimed(c, NULL, -1, &released));
+    CHECK(released == 0, "nothing incoming to release: %llu", (unsigned long long)released);
+    ERR(c, ENOENT, "no incoming session", khod_release_unclaimed(c, "nope", -1, NULL));
+    ERR(c, EINVAL, "uid", khod_release_unclaimed(c, NULL, (int64_t)1 << 33, NULL));
+    khod_client *victim = open_client(sock, "victim");
+    khod_folio vf;
+    OK(victim, khod_alloc_folio(victim, 1, &vf));
+    khod_drop_info d = {0};
+    OK(c, khod_drop_session(c, "victim", -1, &d));
+    CHECK(d.freed_bytes == KHOD_FOLIO_SIZE(1) && d.released_bytes == 0 &&
+              d.connections_closed == 1,
+          "drop_session: freed %llu released %llu closed %llu",
+          (unsigned long long)d.freed_bytes, (unsigned long long)d.released_bytes,
+          (unsigned long long)d.connections_closed);
+    ERR(victim, EPROTO, "", khod_ping(victim)); /* its connection was cut off */
+    khod_close(victim);
+    ERR(c, ENOENT, "no session", khod_drop_session(c, "victim", getuid(), NULL));
+    OK(c, khod_ping(c));
     khod_close(c);
 }
 
@@ -484,6 +524,12 @@ static void case_handover_prep(const char *sock)
     OK(c, khod_add_prop(c, "/where", "phys", where, sizeof where, NULL));
     OK(c, khod_add_string_prop(c, "/where", "note", "three pieces", NULL));
     khod_close(c);
+    khod_client *u = open_client(sock, NULL); /* a session nobody will come back for */
+    OK(u, khod_hello(u, "unclaimed", true, NULL));
+    khod_folio x;
+    OK(u, khod_alloc_folio(u, 1, &x));
+    OK(u, khod_preserve_folio(u, x.phys, -1, NULL));
+    khod_close(u);
 }
 
 /* In the successor: each piece back by its own call, bytes intact, exactly once. */
@@ -504,6 +550,21 @@ static void case_handover_check(const char *sock)
         khod_close(c);
         return;
     }
+    khod_node *node = NULL;
+    OK(c, khod_get_node(c, "/where", NULL, &node));
+    CHECK(node && node->nprops == 2 && !strcmp(node->props[0], "note") &&
+              !strcmp(node->props[1], "phys") && node->nchildren == 0,
+          "incoming /where: %zu props", node ? node->nprops : 0);
+    free(node);
+    unsigned char *dtb = NULL;
+    size_t dtb_len = 0;
+    OK(c, khod_fdt(c, "in", (void **)&dtb, &dtb_len));
+    CHECK(dtb && dtb_len > 40 && !memcmp(dtb, "\xd0\x0d\xfe\xed", 4), "fdt in: %zu bytes",
+          dtb_len);
+    free(dtb);
+    uint64_t released = 0;
+    OK(c, khod_release_unclaimed(c, "unclaimed", getuid(), &released));
+    CHECK(released == KHOD_FOLIO_SIZE(1), "released %llu", (unsigned long long)released);
     char *note = NULL;
     OK(c, khod_get_prop(c, "/where", "note", NULL, (void **)&note, &len));
     CHECK(note && len == 13 && !memcmp(note, "three pieces", 13), "string prop");

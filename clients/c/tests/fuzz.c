@@ -100,6 +100,13 @@ static void value(buf *b, int kind, const char *key)
     else if (!strcmp(key, "value")) {
         msgpack_pack_bin(&b->pk, 8);
         msgpack_pack_bin_body(&b->pk, "12345678", 8);
+    } else if (!strcmp(key, "fdt")) {
+        msgpack_pack_bin(&b->pk, 4);
+        msgpack_pack_bin_body(&b->pk, "\xd0\x0d\xfe\xed", 4);
+    } else if (!strcmp(key, "props") || !strcmp(key, "children")) {
+        msgpack_pack_array(&b->pk, 2);
+        s(b, "a");
+        s(b, next() % 2 ? "b" : "");
     } else if (!strcmp(key, "folios")) {
         msgpack_pack_array(&b->pk, 2);
         for (int i = 0; i < 2; i++) {
@@ -121,8 +128,15 @@ static const char *const KEYS[][8] = {
     {"value", 0},
     {"state", "generation", "pid", "connections", "frozen", 0},
     {"count", 0},
+    {"props", "children", 0},
+    {"fdt", 0},
+    {"freed_bytes", "released_bytes", "connections_closed", 0},
+    {"released_bytes", 0},
 };
-#define NCALLS 10
+#define NCALLS 14
+
+/* The KEYS row of a call's valid reply (alloc_folios and restore_folios get others'). */
+static int keys_of(int call) { return call < 8 ? call : call < 10 ? call - 8 : call - 2; }
 
 static void reply(buf *b, int call, int kind, uint64_t nfds)
 {
@@ -134,7 +148,7 @@ static void reply(buf *b, int call, int kind, uint64_t nfds)
         msgpack_pack_uint64(&b->pk, nfds);
     }
     s(b, "result");
-    const char *const *keys = KEYS[call % 8];
+    const char *const *keys = KEYS[call];
     int n = 0;
     while (keys[n])
         n++;
@@ -189,11 +203,33 @@ static int run_call(khod_client *c, int call)
         uint64_t p[4];
         return khod_alloc_folios(c, 0, 4, p);
     }
-    default: {
+    case 9: {
         uint8_t o[3];
         uint64_t p[3] = {1, 2, 3};
         return khod_restore_folios(c, p, 3, o);
     }
+    case 10: {
+        khod_node *n = NULL;
+        int r = khod_get_node(c, "/", NULL, &n);
+        if (r >= 0 && n) /* every name readable, as a caller would read them */
+            for (size_t i = 0; i < n->nprops + n->nchildren; i++)
+                r += (int)(strlen(i < n->nprops ? n->props[i] : n->children[i - n->nprops]) & 0);
+        free(n);
+        return r;
+    }
+    case 11: {
+        void *v = NULL;
+        size_t n;
+        int r = khod_fdt(c, "in", &v, &n);
+        free(v);
+        return r;
+    }
+    case 12: {
+        khod_drop_info d;
+        return khod_drop_session(c, "x", 1000, &d);
+    }
+    default:
+        return khod_release_unclaimed(c, NULL, -1, NULL);
     }
 }
 
@@ -396,7 +432,7 @@ static void random_cases(long cases)
             s(&b, next() % 2 ? "token" : "generation");
             value(&b, kind, "phys");
         }
-        reply(&b, call % 8, kind, next() % 5 == 0 ? next() % 3 : 0);
+        reply(&b, keys_of(call), kind, next() % 5 == 0 ? next() % 3 : 0);
         size_t n = b.sb.size;
         char *p = malloc(n + 16);
         memcpy(p, b.sb.data, n);
