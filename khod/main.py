@@ -27,6 +27,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import argparse
 import contextlib
+import functools
 import importlib
 import resource
 import sys
@@ -261,6 +262,7 @@ async def serve(
     engine, info = plan.take()
     log_start(log, plan.region, info)
     d = assemble(engine, info, cfg, log, hook=faults.point, with_metrics=bool(metrics_listeners))
+    d.server.on_quiet = functools.partial(let_go, plan.region, log)
     async with trio.open_nursery() as nursery:
         if d.metrics is not None:
             await d.metrics.serve(nursery, metrics_listeners)
@@ -275,6 +277,18 @@ async def serve(
         await d.server.finished.wait()
         nursery.cancel_scope.cancel()
     return d
+
+
+def let_go(region: Region, log: Log) -> None:
+    """After a handover, once no request can run any more: flush and let the region go.
+
+    Called before the connections' output has drained (``Server.on_quiet``),
+    so that a peer that never reads cannot keep a standby successor waiting
+    for the two seconds of grace the daemon gives it.
+    """
+    region.flush()
+    region.unlock()
+    log.info("region.released", reason="handed over; no request runs any more")
 
 
 def preload(cfg: Config) -> None:

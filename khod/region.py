@@ -179,6 +179,13 @@ class Region:
             raise
         self._lock_fd = fd
 
+    def unlock(self) -> None:
+        """Let the region go (a standby waiting for it takes it at once); the mapping
+        stays for the caller to close. Only once nothing of this daemon writes to it."""
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
     def check_identity(self) -> None:
         """Refuse if the region's file was deleted, replaced or shrunk while khod ran.
 

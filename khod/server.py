@@ -46,7 +46,7 @@ from khod.dispatch import Response, dispatch, label
 from khod.engine import Engine
 from khod.errors import Errno, KhoError
 from khod.kho.handover import session_node
-from khod.lifecycle import Lifecycle, Progress, Subscriber
+from khod.lifecycle import Lifecycle, Progress, State, Subscriber
 from khod.log import Log
 from khod.protocol import (
     DEFAULT_MAX_ARRAY,
@@ -61,6 +61,7 @@ from khod.session import Peer
 
 Frame = tuple[bytes, tuple[int, ...]]
 OPERATOR_CONNECTIONS = 16  # beyond limits.max_connections, for root and operators
+STOP_GRACE_S = 2.0  # how long a stopping daemon lets connections send what is queued
 
 
 @dataclass(frozen=True)
@@ -109,6 +110,8 @@ class Connection:
         self._send, self._recv = trio.open_memory_channel[Frame](limits.send_queue)
         self._closing = False
         self._scope: trio.CancelScope | None = None
+        self._reading = trio.CancelScope()  # the reader's: quiesce() ends it
+        self.reader_done = trio.Event()  # no request of this connection runs any more
         self._held = 0  # bytes of an unfinished frame, counted in ``buffered``
         self._queued = 0  # frames handed to the writer and not yet written (keeps the order)
         self._fd = stream.socket.fileno()  # open for as long as run() runs
@@ -167,6 +170,11 @@ class Connection:
         self._closing = True
         self._send.close()
 
+    def quiesce(self) -> None:
+        """Read no more requests: the one running ends at its next checkpoint (or, past
+        the point of no return of a batch, when the batch is done); output still drains."""
+        self._reading.cancel()
+
     def cut_off(self) -> None:
         """Close now: nothing more is read or sent, the socket goes, resources are freed."""
         self._closing = True
@@ -184,8 +192,10 @@ class Connection:
                 self._scope = nursery.cancel_scope
                 nursery.start_soon(self._writer, nursery.cancel_scope)
                 try:
-                    await self._reader()
+                    with self._reading:
+                        await self._reader()
                 finally:
+                    self.reader_done.set()
                     self.close()
         finally:
             self.buffered.take(-self._held)
@@ -399,6 +409,9 @@ class Server:
         self._turns: dict[tuple[int, str], deque[trio.Event]] = {}  # see Turn
         self._groups: dict[tuple[int, int], frozenset[int]] = {}
         self.stopping = trio.Event()
+        # called once after a handover, when no request can run any more (main: let the
+        # region go, so that a standby need not wait for output to slow peers)
+        self.on_quiet: Callable[[], None] | None = None
         self._idle = trio.Event()  # set when stopping and the last connection is gone
         self.finished = trio.Event()  # run() has drained every connection
         self.exit_reason = ""
@@ -487,13 +500,33 @@ class Server:
             await self.stopping.wait()
             accepting.cancel()
             systemd.notify("STOPPING=1", f"STATUS=stopping: {self.exit_reason}")
-            with trio.move_on_after(2):
+            with trio.move_on_after(STOP_GRACE_S):
                 for conn in self.conns:
                     conn.close()
+                if self.on_quiet is not None and self.lifecycle.state is State.HANDED_OVER:
+                    await self._quiesce()
                 if len(self.conns):
                     await self._idle.wait()
             nursery.cancel_scope.cancel()
         self.finished.set()
+
+    async def _quiesce(self) -> None:
+        """After a handover: stop every reader, wait until none runs, then ``on_quiet``.
+
+        Output queued for slow or hostile peers may take the whole grace to drain
+        (or never); the region must not wait for it, since a standby successor
+        waits for the region. No request can touch the region once every reader
+        has ended, and writers only write to sockets.
+        """
+        for conn in self.conns:
+            conn.quiesce()
+        for conn in list(self.conns):
+            await conn.reader_done.wait()
+        assert self.on_quiet is not None
+        try:
+            self.on_quiet()
+        except Exception as exc:  # the region is then let go at exit, as before
+            self.log.error("daemon.quiet_failed", reason=repr(exc))
 
     def _peer(self, stream: trio.SocketStream) -> Peer:
         raw = stream.socket.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
@@ -559,6 +592,7 @@ class Server:
         return None
 
     def _closed(self, conn: Connection) -> None:
+        conn.reader_done.set()  # (however its run ended)
         self.conns.remove(conn)
         if not len(self.conns) and self.stopping.is_set():
             self._idle.set()

@@ -23,6 +23,7 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import msgpack
 import pytest
 from khoclient import Client, KhoError
 
@@ -442,3 +443,47 @@ def test_the_daemon_starts_no_blas_threads_unless_told(given: str | None, kept: 
     assert value == kept
     if given is None:
         assert threads == "1"  # the main thread alone
+
+
+# ----------------------------------------------------------------------------- a hostile peer
+
+
+def test_a_peer_that_never_reads_does_not_hold_the_region_from_the_standby(
+    shm_dir: Path,
+) -> None:
+    """Its replies pile up unread, so the predecessor cannot flush them for its
+    two seconds of grace; the region is let go before that, once no request of
+    anyone can run any more, and the standby serves at once."""
+    cfg = write_config(shm_dir)
+    pred = start_daemon(shm_dir, config=cfg)
+    succ = start_daemon(shm_dir, "--standby", config=cfg, wait_ready=False)
+    with killing(pred, succ):
+        with pred.client("vmm", persistent=True) as c:
+            c.preserve_folio(c.alloc_folio(0))
+            c.add_node("/big")
+            c.add_prop("/big", "blob", b"\xab" * (256 << 10))
+        wait_log(succ, "event=standby.waiting")
+        hostile = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        hostile.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        hostile.connect(pred.socket)
+        hostile.sendall(msgpack.packb({"id": 1, "op": "hello", "name": "vmm", "persistent": True}))
+        asks = b"".join(
+            msgpack.packb(
+                {"id": i, "op": "get_prop", "path": "/big", "name": "blob", "tree": "out"}
+            )
+            for i in range(2, 40)
+        )
+        hostile.sendall(asks)  # 9.5 MiB of replies it will never read
+        with Client(pred.socket) as op:
+            op.finalize()
+            t0 = time.monotonic()
+            op.handover()
+        with reconnect(pred.socket, "vmm", succ) as c:
+            served = time.monotonic() - t0
+            assert c.hello_info["incoming"]
+        assert served < 1.0, f"the standby served {served:.2f} s after the handover"
+        assert pred.wait() == 0
+        logs = pred.logs()
+        assert logs.index("event=region.released") < logs.index("event=exit")
+        hostile.close()
+        assert succ.stop() == 0
