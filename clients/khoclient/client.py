@@ -4,9 +4,12 @@ Whoever waits reads. A call writes its request and then, if no other thread
 is reading the socket, reads it itself until its reply has come, routing
 whatever else arrives meanwhile (other threads' replies, progress events,
 the handover event) as a reader thread would. There is no handoff between
-threads on that path, which is what makes an unsubscribed client fast. A
-thread that finds another one reading sleeps until that one routes its reply
-to it or stops reading, then takes over.
+threads on that path, which is what makes an unsubscribed client fast; the
+common case, a call's own reply in one read, is decoded without a waiter or
+any routing (:meth:`Client._call_direct`), after polling the socket briefly
+rather than sleeping at once (``spin.py``). A thread that finds another one
+reading sleeps until that one routes its reply to it or stops reading, then
+takes over.
 
 Notifier events (FINALIZE, UNFREEZE) must be answered even while nobody
 calls, so while the connection is subscribed, or when ``on_handover`` is
