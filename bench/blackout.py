@@ -57,7 +57,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from harness import kill_all
+from harness import khod_config, kill_all
 from khoclient import Client, KhoError
 from report import print_figures
 
@@ -75,14 +75,8 @@ LAUNCH = (
 
 
 def write_config(d: Path, metrics: bool) -> Path:
-    cfg = d / "khod.toml"
     listen = "127.0.0.1:0" if metrics else ""
-    cfg.write_text(
-        f'[region]\npath = "{d}/region"\nsize = "8G"\nscratch_size = "16M"\n'
-        f'[server]\nsocket = "{d}/khod.sock"\n[metrics]\nlisten = "{listen}"\n'
-        '[limits]\nuid_max_bytes = "100%"\n[logging]\nlevel = "info"\n'
-    )
-    return cfg
+    return khod_config(d, "8G", scratch="16M", metrics=listen, level="info")
 
 
 class Notify:

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from harness import kill_all, rate, wait_for_socket
+from harness import khod_config, kill_all, rate, start_khod, wait_for_socket
 from khoclient import Client
 from khoclient import calls as C
 from report import print_figures
@@ -130,16 +130,7 @@ def main() -> int:
         echo.wait()
 
         # ---------------------------------------------------------------- khod
-        cfg = d / "khod.toml"
-        cfg.write_text(
-            f'[region]\npath = "{d}/region"\nsize = "16G"\nscratch_size = "16M"\n'
-            f'[server]\nsocket = "{d}/khod.sock"\n[metrics]\nlisten = ""\n'
-            '[limits]\nuid_max_bytes = "100%"\n[logging]\nlevel = "warning"\n'
-        )
-        with open(d / "khod.log", "ab") as log:
-            khod = subprocess.Popen(
-                [sys.executable, "-m", "khod", "-c", str(cfg)], stdout=log, stderr=log
-            )
+        khod = start_khod(khod_config(d, "16G", scratch="16M"), d / "khod.log")
         procs.append(khod)
         sock = str(d / "khod.sock")
         wait_for_socket(sock, khod)

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from harness import connect, kill_all, show_log, start_khod
+from harness import connect, khod_config, kill_all, show_log, start_khod
 from khoclient import Client, KhoError
 from khoclient import calls as C
 from report import print_figures
@@ -41,13 +41,7 @@ GIB = 1 << 30
 
 
 def write_config(d: Path) -> Path:
-    cfg = d / "khod.toml"
-    cfg.write_text(
-        f'[region]\npath = "{d}/region"\nsize = "16G"\nscratch_size = "64M"\n'
-        f'[server]\nsocket = "{d}/khod.sock"\n[metrics]\nlisten = ""\n'
-        '[limits]\nuid_max_bytes = "100%"\n[logging]\nlevel = "warning"\n'
-    )
-    return cfg
+    return khod_config(d, "16G")
 
 
 def bystander(sock: str, stop: Any, out: Any) -> None:

@@ -1,5 +1,6 @@
-"""What the benchmarks share to run khod as a real process: start it, wait for
-its socket, connect, time a call in a loop, and leave nothing running."""
+"""What the benchmarks share to run khod as a real process: write its config,
+start it, wait for its socket, connect, time a call in a loop, and leave
+nothing running."""
 
 from __future__ import annotations
 
@@ -11,6 +12,33 @@ from pathlib import Path
 from typing import Any
 
 from khoclient import Client, KhoError
+
+
+def khod_config(
+    d: Path,
+    size: str,
+    *,
+    scratch: str = "64M",
+    metrics: str = "",
+    level: str = "warning",
+    server: str = "",
+    name: str = "khod.toml",
+    region: str = "region",
+) -> Path:
+    """Write a khod config into ``d``: a sparse region file of ``size`` there, the
+    socket ``d/khod.sock``, no quota but the region (``uid_max_bytes`` 100%).
+
+    ``server`` adds lines to ``[server]``; ``metrics`` is ``metrics.listen``
+    ("": none); ``name`` and ``region`` name the config and region files.
+    """
+    cfg = d / name
+    extra = f"{server}\n" if server else ""
+    cfg.write_text(
+        f'[region]\npath = "{d}/{region}"\nsize = "{size}"\nscratch_size = "{scratch}"\n'
+        f'[server]\nsocket = "{d}/khod.sock"\n{extra}[metrics]\nlisten = "{metrics}"\n'
+        f'[limits]\nuid_max_bytes = "100%"\n[logging]\nlevel = "{level}"\n'
+    )
+    return cfg
 
 
 def start_khod(cfg: Path, log: Path) -> subprocess.Popen[bytes]:

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from harness import connect, kill_all, show_log, start_khod
+from harness import connect, khod_config, kill_all, show_log, start_khod
 from khoclient import calls as C
 from report import print_figures
 
@@ -33,13 +33,7 @@ MIB = 1 << 20
 
 
 def config(d: Path, size: str) -> Path:
-    cfg = d / f"khod-{size}.toml"
-    cfg.write_text(
-        f'[region]\npath = "{d}/region-{size}"\nsize = "{size}"\nscratch_size = "64M"\n'
-        f'[server]\nsocket = "{d}/khod.sock"\n[metrics]\nlisten = ""\n'
-        '[limits]\nuid_max_bytes = "100%"\n[logging]\nlevel = "warning"\n'
-    )
-    return cfg
+    return khod_config(d, size, name=f"khod-{size}.toml", region=f"region-{size}")
 
 
 def raw(op: str, **args: Any) -> C.Call[Any]:

@@ -57,7 +57,7 @@ from typing import Any
 
 import msgpack
 import numpy as np
-from harness import kill_all, rate, start_khod, wait_for_socket
+from harness import khod_config, kill_all, rate, start_khod, wait_for_socket
 from khoclient import Client, KhoError, spin
 from khoclient import calls as C
 from report import print_figures
@@ -247,13 +247,7 @@ def round_trips(servers: dict[str, tuple[str, int]], seconds: float, rounds: int
 
 
 def write_config(d: Path) -> Path:
-    cfg = d / "khod.toml"
-    cfg.write_text(
-        f'[region]\npath = "{d}/region"\nsize = "{REGION >> 30}G"\nscratch_size = "64M"\n'
-        f'[server]\nsocket = "{d}/khod.sock"\n[metrics]\nlisten = ""\n'
-        '[limits]\nuid_max_bytes = "100%"\n[logging]\nlevel = "warning"\n'
-    )
-    return cfg
+    return khod_config(d, f"{REGION >> 30}G")
 
 
 def main() -> int:

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from harness import connect, kill_all, show_log, start_khod
+from harness import connect, khod_config, kill_all, show_log, start_khod
 from report import print_figures
 
 from khod.config import parse_size
@@ -33,13 +33,7 @@ VMM = [sys.executable, "-m", "khoexamples.vmm"]
 
 
 def config(d: Path, region: str) -> Path:
-    cfg = d / "khod.toml"
-    cfg.write_text(
-        f'[region]\npath = "{d}/region"\nsize = "{region}"\nscratch_size = "64M"\n'
-        f'[server]\nsocket = "{d}/khod.sock"\n[metrics]\nlisten = ""\n'
-        '[limits]\nuid_max_bytes = "100%"\n[logging]\nlevel = "warning"\n'
-    )
-    return cfg
+    return khod_config(d, region)
 
 
 def report_of(out: str) -> dict[str, Any]:

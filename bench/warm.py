@@ -59,13 +59,7 @@ SHM = "/dev/shm" if os.path.isdir("/dev/shm") else None
 
 
 def write_config(d: Path, region: int) -> Path:
-    cfg = d / "khod.toml"
-    cfg.write_text(
-        f'[region]\npath = "{d}/region"\nsize = "{region >> 20}M"\nscratch_size = "64M"\n'
-        f'[server]\nsocket = "{d}/khod.sock"\nnotifier_timeout_s = 60\n[metrics]\nlisten = ""\n'
-        '[limits]\nuid_max_bytes = "100%"\n[logging]\nlevel = "warning"\n'
-    )
-    return cfg
+    return harness.khod_config(d, f"{region >> 20}M", server="notifier_timeout_s = 60")
 
 
 def start_khod(cfg: Path, log: Path) -> subprocess.Popen[bytes]:
