@@ -590,24 +590,35 @@ def test_an_index_without_empty_slots_is_refused_not_looped_over() -> None:
         w.get(b"b")
 
 
+def serve_and_put_k(socket: str, log: Path) -> subprocess.Popen[str]:
+    """A serving store, opened, with key k put (and left serving)."""
+    p = kv(socket, "--serve", log=log)
+    assert p.stdin is not None and p.stdout is not None
+    p.stdin.write('{"op": "open"}\n{"op": "put", "key": "k", "value": "AQI="}\n')
+    p.stdin.flush()
+    assert [json.loads(p.stdout.readline()).get("ok") for _ in range(3)] == [None, True, True]
+    return p
+
+
+def serve_and_get_k(socket: str, log: Path) -> tuple[subprocess.Popen[str], list[dict[str, Any]]]:
+    """A serving store that opens, gets key k and quits: its replies to open and get."""
+    p = kv(socket, "--serve", log=log)
+    assert p.stdin is not None and p.stdout is not None
+    p.stdin.write('{"op": "open"}\n{"op": "get", "key": "k"}\n{"op": "quit"}\n')
+    p.stdin.flush()
+    return p, [json.loads(x) for x in p.stdout][1:]
+
+
 def test_a_handover_of_a_crashed_writer_replays_the_log(shm_dir: Path) -> None:
     """Not sealed: the store crashed after a write, before the finalize. Nothing is lost."""
     log = shm_dir / "kv.log"
     with daemon_running(shm_dir) as d:
-        p = kv(d.socket, "--serve", log=log)
-        assert p.stdin is not None and p.stdout is not None
-        p.stdin.write('{"op": "open"}\n{"op": "put", "key": "k", "value": "AQI="}\n')
-        p.stdin.flush()
-        assert [json.loads(p.stdout.readline()).get("ok") for _ in range(3)] == [None, True, True]
+        p = serve_and_put_k(d.socket, log)
         p.kill()
         finish(p)
         handover(d)  # the session is persistent: its memory goes over, unsealed
     with daemon_running(shm_dir) as d:
-        p = kv(d.socket, "--serve", log=log)
-        assert p.stdin is not None and p.stdout is not None
-        p.stdin.write('{"op": "open"}\n{"op": "get", "key": "k"}\n{"op": "quit"}\n')
-        p.stdin.flush()
-        lines = [json.loads(x) for x in p.stdout][1:]
+        p, lines = serve_and_get_k(d.socket, log)
         assert lines[0]["mode"] == "cold" and lines[1] == {"ok": True, "value": "AQI="}
         _, err = finish(p)
         assert "was not sealed" in err
@@ -658,18 +669,10 @@ def test_a_damaged_log_is_refused_and_leaves_no_memory_behind(shm_dir: Path) -> 
 def test_sigterm_stops_a_serving_store_cleanly(shm_dir: Path) -> None:
     log = shm_dir / "kv.log"
     with daemon_running(shm_dir) as d:
-        p = kv(d.socket, "--serve", log=log)
-        assert p.stdin is not None and p.stdout is not None
-        p.stdin.write('{"op": "open"}\n{"op": "put", "key": "k", "value": "AQI="}\n')
-        p.stdin.flush()
-        assert [json.loads(p.stdout.readline()).get("ok") for _ in range(3)] == [None, True, True]
+        p = serve_and_put_k(d.socket, log)
         p.send_signal(signal.SIGTERM)
         assert finish(p)[0] == 0
-        p = kv(d.socket, "--serve", log=log)
-        assert p.stdin is not None and p.stdout is not None
-        p.stdin.write('{"op": "open"}\n{"op": "get", "key": "k"}\n{"op": "quit"}\n')
-        p.stdin.flush()
-        lines = [json.loads(x) for x in p.stdout][1:]
+        p, lines = serve_and_get_k(d.socket, log)
         assert lines[0]["mode"] == "warm" and lines[1] == {"ok": True, "value": "AQI="}
         assert finish(p)[0] == 0
 
