@@ -25,20 +25,8 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include "check.h"
 #include "khodclient.h"
-
-static int failures;
-
-#define CHECK(cond, ...)                                               \
-    do {                                                               \
-        if (!(cond)) {                                                 \
-            printf("FAIL %s:%d: ", __FILE__, __LINE__);                \
-            printf(__VA_ARGS__);                                       \
-            printf("\n");                                              \
-            fflush(stdout);                                            \
-            failures++;                                                \
-        }                                                              \
-    } while (0)
 
 /* A call that must succeed. */
 #define OK(c, call)                                                                        \

@@ -19,19 +19,8 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include "check.h"
 #include "khodclient.h"
-
-static int failures;
-
-#define CHECK(cond, ...)                                     \
-    do {                                                     \
-        if (!(cond)) {                                       \
-            printf("FAIL %s:%d: ", __FILE__, __LINE__);      \
-            printf(__VA_ARGS__);                             \
-            printf("\n");                                    \
-            failures++;                                      \
-        }                                                    \
-    } while (0)
 
 static int open_fds(void)
 {
