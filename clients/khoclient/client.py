@@ -44,7 +44,6 @@ from . import spin
 from .calls import Call, Folio, NodeInfo, RegionInfo
 from .core import (
     ANCILLARY,
-    CTRUNC,
     RECV_FLAGS,
     Core,
     NotifierEvent,
@@ -176,11 +175,7 @@ class Client:
             self._fail_all(f"connection lost: {exc}")
             return
         try:
-            if anc or flags & CTRUNC:  # (flags echo MSG_CMSG_CLOEXEC)
-                self._core.take_fds(anc)
-                if flags & CTRUNC:
-                    raise KhoError(Errno.EPROTO, "file descriptors were truncated in transit")
-            self._inbox.extend(self._core.feed(data))
+            self._inbox.extend(self._core.ingest(data, anc, flags))
         except (FrameError, KhoError) as exc:
             self._route()
             self._fail_all(f"connection lost: {exc}")
@@ -490,10 +485,7 @@ class Client:
                     req_id, frame = self._core.frame(call)
                     self._sock.sendall(frame)
             except OSError as exc:
-                self._drain()  # the daemon may have closed: say so, as a reader would have
-                if self._closed:
-                    raise KhoError(Errno.EPROTO, self._close_reason) from None
-                raise KhoError(Errno.EPROTO, f"sending {call.op} failed: {exc}") from None
+                raise self._send_failed(call.op, exc) from None
             got: list[Any] = []
             if limit != self._rcvtimeo:
                 self._set_rcvtimeo(limit)
@@ -509,30 +501,29 @@ class Client:
                 except OSError as exc:
                     self._fail_all(f"connection lost: {exc}")
                 else:
-                    if anc or flags & CTRUNC or not data:  # (flags echo MSG_CMSG_CLOEXEC)
-                        got = self._took(data, anc, flags)
-                    else:
-                        try:
-                            got = self._core.decoder.feed(data)
-                        except FrameError as exc:
-                            self._fail_all(f"connection lost: {exc}")
-                        if len(got) == 1:
-                            msg = got[0]
-                            if (
-                                type(msg) is dict
-                                and msg.get("id") == req_id
-                                and "event" not in msg
-                                and "nfds" not in msg
-                            ):
-                                if "error" in msg:
-                                    raise error_from_reply(msg["error"])
-                                try:
-                                    result: T = call.decode(msg.get("result"))
-                                except (KeyError, TypeError, ValueError) as exc:
-                                    raise KhoError(
-                                        Errno.EPROTO, f"malformed {call.op} reply: {exc!r}"
-                                    ) from None
-                                return result
+                    try:
+                        got = self._core.messages(data, anc, flags)
+                    except (FrameError, KhoError) as exc:
+                        self._fail_all(f"connection lost: {exc}")
+                    if not data:
+                        self._fail_all("connection closed")
+                    elif len(got) == 1:
+                        msg = got[0]
+                        if (
+                            type(msg) is dict
+                            and msg.get("id") == req_id
+                            and "event" not in msg
+                            and "nfds" not in msg
+                        ):
+                            if "error" in msg:
+                                raise error_from_reply(msg["error"])
+                            try:
+                                result: T = call.decode(msg.get("result"))
+                            except (KeyError, TypeError, ValueError) as exc:
+                                raise KhoError(
+                                    Errno.EPROTO, f"malformed {call.op} reply: {exc!r}"
+                                ) from None
+                            return result
             waiter = _Pending(None)
             self._pending[req_id] = waiter
             if got:
@@ -584,20 +575,13 @@ class Client:
             )
             self._rcvtimeo = limit
 
-    def _took(self, data: bytes, anc: list[tuple[int, int, bytes]], flags: int) -> list[Any]:
-        """The direct path's read that carried fds or flags, or ended the stream: as
-        :meth:`_read_once` would take it, the messages it completed (not routed)."""
-        try:
-            self._core.take_fds(anc)
-            if flags & CTRUNC:
-                raise KhoError(Errno.EPROTO, "file descriptors were truncated in transit")
-            got: list[Any] = self._core.decoder.feed(data) if data else []
-        except (FrameError, KhoError) as exc:
-            self._fail_all(f"connection lost: {exc}")
-            return []
-        if not data:
-            self._fail_all("connection closed")
-        return got
+    def _send_failed(self, op: str, exc: OSError) -> KhoError:
+        """What a call whose request could not be sent raises. The daemon may have
+        closed: take in what came before the end, as a reader would have, and say so."""
+        self._catch_up()
+        if self._closed:
+            return KhoError(Errno.EPROTO, self._close_reason)
+        return KhoError(Errno.EPROTO, f"sending {op} failed: {exc}")
 
     def _call_routed(
         self,
@@ -621,10 +605,7 @@ class Client:
             else:
                 error = None
         if error is not None:
-            self._catch_up()  # the daemon may have closed: say so, as a reader would have
-            if self._closed:
-                raise KhoError(Errno.EPROTO, self._close_reason) from None
-            raise KhoError(Errno.EPROTO, f"sending {call.op} failed: {error}") from None
+            raise self._send_failed(call.op, error) from None
         deadline = None if limit is None else time.monotonic() + limit
         if self._read_lock.acquire(blocking=False):  # nobody reads: we do, no handoff
             self._lead_locked(threading.get_ident(), waiter.arrived, deadline)

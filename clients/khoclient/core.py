@@ -82,12 +82,9 @@ class Core:
                 fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
                 self.fds.extend(fds)
 
-    def feed(self, data: bytes) -> list[tuple[int | None, Reply] | dict[str, Any]]:
-        """Decoded messages: (id, Reply) for replies, the raw dict for events."""
-        return self.items(self.decoder.feed(data))
-
     def items(self, messages: list[Any]) -> list[tuple[int | None, Reply] | dict[str, Any]]:
-        """What :meth:`feed` makes of decoded messages (fds are taken from the FIFO)."""
+        """Decoded messages as (id, Reply) for replies, the raw dict for events (fds
+        are taken from the FIFO)."""
         out: list[tuple[int | None, Reply] | dict[str, Any]] = []
         for msg in messages:
             if not isinstance(msg, dict):
@@ -113,10 +110,17 @@ class Core:
         self, data: bytes, ancdata: list[tuple[int, int, bytes]], flags: int
     ) -> list[tuple[int | None, Reply] | dict[str, Any]]:
         """One ``recvmsg`` result in: fds to the FIFO, then the decoded messages."""
-        self.take_fds(ancdata)
+        return self.items(self.messages(data, ancdata, flags))
+
+    def messages(self, data: bytes, ancdata: list[tuple[int, int, bytes]], flags: int) -> list[Any]:
+        """One ``recvmsg`` result in: fds to the FIFO, the messages it completed as
+        decoded (:meth:`items` makes replies of them). ``flags`` also echo
+        MSG_CMSG_CLOEXEC: only MSG_CTRUNC counts."""
+        if ancdata:
+            self.take_fds(ancdata)
         if flags & CTRUNC:
             raise KhoError(Errno.EPROTO, "file descriptors were truncated in transit")
-        return self.feed(data)
+        return self.decoder.feed(data)
 
     def finish(self, call: Call[Any], reply: Reply) -> Any:
         """The result of ``call``: keeps a passed region fd, closes any other fd."""
