@@ -456,8 +456,7 @@ def _run_on_region(region: Region, cfg: Config, args: argparse.Namespace, log: L
         if identity is not None:
             unlink_if_ours(cfg.server.socket, identity)
     d.engine.close()
-    if d.lifecycle.state is State.HANDED_OVER:
-        region.flush()
+    if d.lifecycle.state is State.HANDED_OVER:  # (flushed by let_go, and by run() once more)
         log.info("exit", reason=d.server.exit_reason, handover_generation=d.engine.generation + 1)
     else:
         try:
